@@ -1,0 +1,130 @@
+"""Conversion to this project's MLX format, written atomically.
+
+Everything goes into a temporary sibling directory that is renamed into place
+only when complete, so an interrupted or failed conversion never leaves a
+half-written model where a user (or ``load``) would find it.
+"""
+
+import json
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from fastvlm_mlx.errors import FastVLMError
+from fastvlm_mlx.loader import build_model
+from fastvlm_mlx.model import FastVLM
+
+from .quantize import quantize
+from .reader import read_checkpoint
+
+# Files a checkpoint carries besides its weights that the runtime (tokenizer, processor) needs.
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+SHARD_BYTES = 4 << 30
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+
+
+def check_destination(dst: Path, force: bool) -> None:
+    if dst.exists() and not dst.is_dir():
+        raise FastVLMError(f"{dst}: exists and is not a directory")
+    if dst.is_dir() and any(dst.iterdir()) and not force:
+        raise FastVLMError(f"{dst}: destination exists and is not empty (use --force to replace it)")
+
+
+@contextmanager
+def atomic_directory(dst: Path, force: bool) -> Iterator[Path]:
+    """Yield a temporary directory next to ``dst``; on success it replaces ``dst``, on any failure it is removed."""
+    check_destination(dst, force)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    for stale in dst.parent.glob(f".{dst.name}.partial-*"):  # left by a killed earlier run
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    try:
+        yield tmp
+        if dst.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+            dst.rename(old / "model")
+            tmp.rename(dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_weights(model: FastVLM, directory: Path) -> None:
+    """Safetensors shards of at most SHARD_BYTES, with an index when there is more than one."""
+    shards, current, size = [], {}, 0
+    for key, value in tree_flatten(model.parameters()):
+        if current and size + value.nbytes > SHARD_BYTES:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = value
+        size += value.nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        mx.save_safetensors(str(directory / "model.safetensors"), shards[0], metadata={"format": "mlx"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        mx.save_safetensors(str(directory / name), shard, metadata={"format": "mlx"})
+        weight_map.update({k: name for k in shard})
+    index = {"metadata": {"total_size": sum(v.nbytes for s in shards for v in s.values())}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def convert_checkpoint(
+    src: Path,
+    dst: Path,
+    dtype: str = "float16",
+    quantize_bits: Optional[int] = None,
+    group_size: int = 64,
+    quantize_projector: bool = False,
+    force: bool = False,
+    progress: Callable[[str], None] = lambda step: None,
+) -> FastVLM:
+    """Convert ``src`` (any supported format) into an MLX directory at ``dst``; returns the converted model."""
+    if dtype not in DTYPES:
+        raise FastVLMError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype})")
+    check_destination(dst, force)
+    progress("reading checkpoint")
+    config, weights = read_checkpoint(src)
+    progress("building model")
+    model = build_model(config, weights, str(src))
+    del weights
+    model.set_dtype(DTYPES[dtype])
+    if quantize_bits:
+        if config.quantization:
+            raise FastVLMError(f"{src}: already quantized; convert from a floating-point checkpoint")
+        progress(f"quantizing decoder to {quantize_bits} bits")
+        config.quantization = quantize(model, quantize_bits, group_size, quantize_projector)
+    progress("writing")
+    with atomic_directory(dst, force) as tmp:
+        save_weights(model, tmp)
+        out_config = config.to_dict()
+        out_config["torch_dtype"] = dtype
+        (tmp / "config.json").write_text(json.dumps(out_config, indent=2))
+        for name in SIDE_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+    progress("done")
+    return model

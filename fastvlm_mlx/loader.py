@@ -1,0 +1,83 @@
+"""``load(path_or_repo)``: any supported checkpoint -> (FastVLM, FastVLMProcessor).
+
+This project's own format loads directly; Apple, transformers and mlx-vlm
+checkpoints are converted in memory by the ``convert`` package (no torch needed).
+"""
+
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .errors import FastVLMError
+from .model import FastVLM, ModelConfig
+
+DEFAULT_MODEL = "apple/FastVLM-0.5B"
+
+
+def default_dtype() -> mx.Dtype:
+    """float32 on CPU (MLX's CPU half-precision and quantized matmuls are far slower), float16 on a GPU."""
+    return mx.float16 if mx.default_device() == mx.gpu else mx.float32
+
+
+def resolve_path(path_or_repo: str) -> Path:
+    """A local directory as is; otherwise a Hugging Face repo id, downloaded (or taken from the cache)."""
+    path = Path(path_or_repo).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise FastVLMError(f"{path}: not a directory (pass a model directory or a Hugging Face repo id)")
+        return path
+    if path_or_repo.count("/") != 1 or path_or_repo.startswith((".", "/", "~")):
+        raise FastVLMError(f"{path_or_repo}: no such model directory")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+    try:
+        return Path(snapshot_download(path_or_repo, allow_patterns=patterns))
+    except Exception as e:  # hub errors come in many classes (offline, 404, gated, network)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FastVLMError(
+            f"could not get model {path_or_repo!r} from the Hugging Face Hub ({type(e).__name__}: {reason}); "
+            "pass a local model directory with --model"
+        ) from None
+
+
+def build_model(config: ModelConfig, weights: Dict[str, mx.array], where: str = "checkpoint") -> FastVLM:
+    """Instantiate the model and load every tensor strictly: no missing, no unexpected, no misshaped."""
+    model = FastVLM(config)
+    if config.quantization:
+        q = config.quantization
+        nn.quantize(
+            model,
+            group_size=q["group_size"],
+            bits=q["bits"],
+            class_predicate=lambda p, m: hasattr(m, "to_quantized") and f"{p}.scales" in weights,
+        )
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        msg = " ".join(str(e).split())
+        raise FastVLMError(f"{where}: weights do not match the model ({msg[:300]})") from None
+    model.eval()
+    return model
+
+
+def load_model(path: Path, dtype: Optional[mx.Dtype] = None) -> FastVLM:
+    from convert.reader import read_checkpoint
+
+    config, weights = read_checkpoint(path)
+    model = build_model(config, weights, str(path))
+    model.set_dtype(dtype or default_dtype())
+    mx.eval(model.parameters())
+    return model
+
+
+def load(path_or_repo: str = DEFAULT_MODEL, dtype: Optional[mx.Dtype] = None) -> Tuple[FastVLM, "FastVLMProcessor"]:
+    """Load a FastVLM checkpoint of any supported format; returns (model, processor)."""
+    from .processor import FastVLMProcessor
+
+    path = resolve_path(str(path_or_repo))
+    model = load_model(path, dtype)
+    processor = FastVLMProcessor.from_pretrained(path, model.config)
+    return model, processor

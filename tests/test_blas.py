@@ -1,0 +1,126 @@
+"""fastvlm_mlx.blas: the optimized BLAS must be the one MLX's matmul actually binds to.
+
+Each check runs in a fresh interpreter, because the library has to be loaded before mlx.core is imported.
+The binding is checked with the dynamic loader's own report (LD_DEBUG=bindings), not with timings.
+"""
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the BLAS preload is Linux-only")
+
+# Imports the blas module by file path so the test does not depend on the package __init__ (which calls it too).
+SCRIPT = r"""
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("fastvlm_blas", sys.argv[1])
+blas = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(blas)
+path = blas.load_fast_blas()
+import mlx.core as mx
+import numpy as np
+rng = np.random.default_rng(0)
+a = rng.standard_normal((256, 192), dtype=np.float32)
+b = rng.standard_normal((192, 128), dtype=np.float32)
+c = np.array(mx.matmul(mx.array(a), mx.array(b), stream=mx.cpu))
+ref = a.astype(np.float64) @ b.astype(np.float64)
+print(json.dumps({"loaded": path, "again": blas.load_fast_blas(), "max_err": float(np.abs(c - ref).max())}))
+"""
+
+
+def run_fresh(tmp_path, env_value=None):
+    """Run SCRIPT in a new interpreter; return its JSON result and the loader's sgemm binding targets."""
+    env = dict(os.environ)
+    env.pop("FASTVLM_MLX_BLAS", None)
+    if env_value is not None:
+        env["FASTVLM_MLX_BLAS"] = env_value
+    env["LD_DEBUG"] = "bindings"
+    env["LD_DEBUG_OUTPUT"] = str(tmp_path / "ld")
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(ROOT / "fastvlm_mlx" / "blas.py")],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    log = "".join(p.read_text(errors="replace") for p in tmp_path.glob("ld*"))
+    # "binding file <mlx lib> [0] to <provider> [0]: normal symbol `cblas_sgemm'"
+    targets = re.findall(r"binding file \S*mlx\S* \[\d+\] to (\S+) \[\d+\]: normal symbol `cblas_sgemm'", log)
+    return result, targets
+
+
+def same_library(loaded, target):
+    if os.path.isabs(loaded):
+        return os.path.realpath(loaded) == os.path.realpath(target)
+    return os.path.basename(target) == loaded  # a bare soname found through ld.so.cache
+
+
+def optimized_library_or_skip():
+    # The module alone, by file path: listing candidates neither loads anything nor imports mlx.
+    spec = importlib.util.spec_from_file_location("fastvlm_blas_probe", ROOT / "fastvlm_mlx" / "blas.py")
+    blas = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(blas)
+    found = blas.candidates()
+    if not found:
+        pytest.skip("no optimized BLAS installed (apt-get install libopenblas0-pthread, or pip install mkl)")
+    return found
+
+
+def bundled_blas():
+    """The mlx-cpu wheel's own reference BLAS (auditwheel-renamed libblas-<hash>.so), if this MLX has one."""
+    spec = importlib.util.find_spec("mlx")
+    roots = [Path(p).parent / "mlx_cpu.libs" for p in (spec.submodule_search_locations or [])] if spec else []
+    return [lib for root in roots if root.is_dir() for lib in root.glob("libblas-*")]
+
+
+def test_matmul_binds_to_optimized_blas(tmp_path):
+    optimized_library_or_skip()
+    result, targets = run_fresh(tmp_path)
+    assert result["loaded"], "an optimized BLAS is installed but load_fast_blas() loaded nothing"
+    assert result["again"] == result["loaded"]
+    assert targets, "the loader reported no cblas_sgemm binding for MLX"
+    assert all(same_library(result["loaded"], t) for t in targets), targets
+    assert result["max_err"] < 1e-3
+
+
+def test_forced_path(tmp_path):
+    path = optimized_library_or_skip()[0]
+    result, targets = run_fresh(tmp_path, env_value=path)
+    assert result["loaded"] == path
+    assert targets and all(same_library(path, t) for t in targets), targets
+
+
+@pytest.mark.parametrize("value", ["0", "off", "none"])
+def test_disabled_loads_nothing(tmp_path, value):
+    result, targets = run_fresh(tmp_path, env_value=value)
+    assert result["loaded"] is None
+    assert result["max_err"] < 1e-3
+    if bundled_blas():
+        assert targets and all("libblas-" in t and "mlx" in t for t in targets), targets
+
+
+def test_too_late_after_mlx_import(tmp_path):
+    """Once mlx.core is imported its symbols are bound: loading then would only mislead --verbose."""
+    script = (
+        "import importlib.util, sys; import mlx.core\n"
+        "spec = importlib.util.spec_from_file_location('b', sys.argv[1]); b = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(b); print(b.load_fast_blas())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "FASTVLM_MLX_BLAS"}
+    proc = subprocess.run([sys.executable, "-c", script, str(ROOT / "fastvlm_mlx" / "blas.py")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "None"
+
+
+def test_bad_forced_path_does_not_raise(tmp_path):
+    result, _ = run_fresh(tmp_path, env_value=str(tmp_path / "no-such-blas.so"))
+    assert result["loaded"] is None
+    assert result["max_err"] < 1e-3

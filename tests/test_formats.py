@@ -1,0 +1,123 @@
+"""Every checkpoint format gives the PyTorch reference numbers (transformers/timm, float32)."""
+
+import json
+
+import mlx.core as mx
+import pytest
+from conftest import FIXTURES, FORMATS, rel_err
+
+from fastvlm_mlx import load
+from fastvlm_mlx.model import IMAGE_PLACEHOLDER
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module", params=FORMATS)
+def loaded(request):
+    return request.param, load(str(FIXTURES / request.param))
+
+
+def first_logits(model, ids, image_embeds=None):
+    embeddings = model.embed_prompt(ids, image_embeds)
+    return model(mx.array([[0] * embeddings.shape[0]]), input_embeddings=embeddings[None])[0, -1]
+
+
+def test_vision_features_match_reference(loaded, reference):
+    _, (model, _) = loaded
+    arrays, meta = reference
+    features = model.vision_tower(arrays["pixels"])
+    n = meta["num_image_tokens"]
+    assert features.shape == (1, int(n**0.5), int(n**0.5), meta["mm_hidden_size"])
+    assert rel_err(features.reshape(1, n, -1), arrays["vision_features"]) <= TOL
+
+
+def test_projected_embeddings_match_reference(loaded, reference):
+    _, (model, _) = loaded
+    arrays, _ = reference
+    assert rel_err(model.encode_image(arrays["pixels"]), arrays["image_embeds"]) <= TOL
+
+
+def test_prompt_tokens_match_apple_splice(loaded, reference):
+    _, (_, processor) = loaded
+    arrays, meta = reference
+    assert processor.encode(meta["prompt_text"]) == arrays["input_ids_apple"].tolist()
+
+
+def test_first_step_logits_match_reference(loaded, reference):
+    _, (model, processor) = loaded
+    arrays, meta = reference
+    ids = processor.encode(meta["prompt_text"])
+    logits = first_logits(model, ids, model.encode_image(arrays["pixels"]))
+    vocab = min(logits.shape[0], arrays["logits_first"].shape[0])  # format B pads the vocabulary
+    assert rel_err(logits[:vocab], arrays["logits_first"][:vocab]) <= TOL
+
+
+def test_text_only_logits_match_reference(loaded, reference):
+    _, (model, processor) = loaded
+    arrays, meta = reference
+    ids = processor.encode(meta["text_only_prompt"])
+    assert ids == arrays["text_only_ids"].tolist()
+    logits = first_logits(model, ids)
+    vocab = min(logits.shape[0], arrays["text_only_logits"].shape[0])
+    assert rel_err(logits[:vocab], arrays["text_only_logits"][:vocab]) <= TOL
+
+
+def test_formats_agree_with_each_other(reference):
+    arrays, meta = reference
+    outputs = []
+    for name in FORMATS:
+        model, processor = load(str(FIXTURES / name))
+        logits = first_logits(model, processor.encode(meta["prompt_text"]), model.encode_image(arrays["pixels"]))
+        outputs.append(logits[:448])
+    for other in outputs[1:]:
+        assert rel_err(other, outputs[0]) <= 1e-5
+
+
+def test_untied_head_detected_despite_config(reference):
+    """Format A's config.json says tie_word_embeddings=true but ships lm_head.weight: the head must be used."""
+    assert json.loads((FIXTURES / "format_a" / "config.json").read_text())["tie_word_embeddings"] is True
+    model, _ = load(str(FIXTURES / "format_a"))
+    assert model.config.text_config["tie_word_embeddings"] is False
+    assert "lm_head" in model.language_model
+
+
+def test_tied_head_when_lm_head_absent(fixture_copy, reference):
+    """Without lm_head.weight the embeddings serve as the head, whatever config.json says."""
+    import mlx.core as mx
+
+    path = fixture_copy("format_c")
+    weights = mx.load(str(path / "model.safetensors"))
+    embed = weights["language_model.model.embed_tokens.weight"]
+    del weights["language_model.lm_head.weight"]
+    mx.save_safetensors(str(path / "model.safetensors"), weights)
+    model, processor = load(str(path))
+    assert model.config.text_config["tie_word_embeddings"] is True
+    ids = processor.encode(reference[1]["text_only_prompt"])
+    hidden = model.language_model.model(mx.array([ids]))[0, -1]
+    assert rel_err(first_logits(model, ids), hidden @ embed.T) <= 1e-5
+
+
+def test_bfloat16_checkpoint_loads(fixture_copy, reference):
+    """Released transformers checkpoints are bf16; they load and stay close to the fp32 reference."""
+    path = fixture_copy("format_b")
+    weights = mx.load(str(path / "model.safetensors"))
+    mx.save_safetensors(str(path / "model.safetensors"), {k: v.astype(mx.bfloat16) if v.dtype == mx.float32 else v for k, v in weights.items()})
+    model, _ = load(str(path))
+    arrays, _ = reference
+    assert model.vision_tower.stem.layers[0].weight.dtype == mx.float32  # CPU default
+    assert rel_err(model.encode_image(arrays["pixels"]), arrays["image_embeds"]) <= 0.05
+
+
+def test_image_placeholder_count_checked(loaded):
+    _, (model, _) = loaded
+    with pytest.raises(ValueError, match="placeholder"):
+        model.embed_prompt([1, IMAGE_PLACEHOLDER, 2], None)
+
+
+def test_two_images_spliced_in_order(loaded):
+    _, (model, _) = loaded
+    n, hidden = model.config.num_image_tokens, model.config.text_args().hidden_size
+    images = mx.stack([mx.full((n, hidden), 1.0), mx.full((n, hidden), 2.0)])
+    out = model.embed_prompt([5, IMAGE_PLACEHOLDER, 6, 7, IMAGE_PLACEHOLDER, 8], images)
+    assert out.shape == (4 + 2 * n, hidden)
+    assert mx.all(out[1 : 1 + n] == 1.0).item() and mx.all(out[3 + n : 3 + 2 * n] == 2.0).item()
