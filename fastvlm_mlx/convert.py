@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .errors import FastVLMError
+from .errors import exit_on_user_error
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -14,6 +14,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
     @app.command(help="Convert Apple, transformers or mlx-vlm FastVLM checkpoints to fastvlm-mlx's MLX format.")
+    @exit_on_user_error
     def run(
         hf_path: str = typer.Option(..., "--hf-path", help="Local checkpoint directory or Hugging Face repo id."),
         mlx_path: Path = typer.Option(Path("mlx_model"), "--mlx-path", help="Where to write the MLX model."),
@@ -50,21 +51,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             )
         print(f"wrote {mlx_path}", file=sys.stderr)
 
-    try:
-        app(args=argv, standalone_mode=False)
-    except FastVLMError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
-        return 130
-    except Exception as e:
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            return e.exit_code
-        raise
+    app(args=argv)
     return 0
 
 

@@ -6,3 +6,19 @@ The CLIs catch exactly this type and print its message as one line; anything els
 
 class FastVLMError(Exception):
     """A user-facing problem with an input: the message names the input and what is wrong with it."""
+
+
+def exit_on_user_error(command):
+    """Wrap a CLI command: a FastVLMError becomes one 'error: ...' line on stderr and exit status 1."""
+    import functools
+    import sys
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except FastVLMError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
+
+    return wrapper

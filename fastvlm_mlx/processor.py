@@ -72,7 +72,7 @@ class FastVLMProcessor:
             if i:
                 ids.append(IMAGE_PLACEHOLDER)
             if chunk:
-                ids.extend(self.tokenizer.encode(chunk, add_special_tokens=False))
+                ids.extend(self.tokenizer.encode(chunk, add_special_tokens=False, verbose=False))
         return ids
 
     def prompt_ids(self, prompt: str, num_images: int, num_image_tokens: int, system: Optional[str] = DEFAULT_SYSTEM) -> List[int]:
