@@ -185,39 +185,38 @@ def test_config_and_tensors_disagree(fixture_copy):
         load(str(path))
 
 
-def test_unexpected_tensor(fixture_copy):
-    path = fixture_copy("format_b")
+def _add_mystery(w):
+    w["model.vision_tower.timm_model.stages.1.blocks.0.mystery.weight"] = mx.zeros((3,))
+
+
+def _drop_up_proj(w):
+    del w["language_model.model.layers.1.mlp.up_proj.weight"]
+
+
+def _misshape_q_bias(w):
+    w["language_model.model.layers.0.self_attn.q_proj.bias"] = mx.zeros((3,))
+
+
+def _keep_llm_only(w):
+    for key in [k for k in w if not k.startswith("language_model.")]:
+        del w[key]
+
+
+@pytest.mark.parametrize(
+    "fixture, damage, message",
+    [
+        ("format_b", _add_mystery, "mystery"),  # unexpected tensor
+        ("format_c", _drop_up_proj, "up_proj"),  # missing tensor
+        ("format_c", _misshape_q_bias, "q_proj"),  # misshaped tensor
+        ("format_c", _keep_llm_only, "mlpackage"),  # Apple's app bundle: LLM only, vision in CoreML
+    ],
+)
+def test_damaged_tensors(fixture_copy, fixture, damage, message):
+    path = fixture_copy(fixture)
     weights = mx.load(str(path / "model.safetensors"))
-    weights["model.vision_tower.timm_model.stages.1.blocks.0.mystery.weight"] = mx.zeros((3,))
+    damage(weights)
     mx.save_safetensors(str(path / "model.safetensors"), weights)
-    with pytest.raises(FastVLMError, match="mystery"):
-        load(str(path))
-
-
-def test_missing_tensor(fixture_copy):
-    path = fixture_copy("format_c")
-    weights = mx.load(str(path / "model.safetensors"))
-    del weights["language_model.model.layers.1.mlp.up_proj.weight"]
-    mx.save_safetensors(str(path / "model.safetensors"), weights)
-    with pytest.raises(FastVLMError, match="up_proj"):
-        load(str(path))
-
-
-def test_misshaped_tensor(fixture_copy):
-    path = fixture_copy("format_c")
-    weights = mx.load(str(path / "model.safetensors"))
-    weights["language_model.model.layers.0.self_attn.q_proj.bias"] = mx.zeros((3,))
-    mx.save_safetensors(str(path / "model.safetensors"), weights)
-    with pytest.raises(FastVLMError, match="q_proj"):
-        load(str(path))
-
-
-def test_llm_only_bundle_explained(fixture_copy):
-    """Apple's app bundle (LLM in safetensors, vision in .mlpackage) is not a convertible source."""
-    path = fixture_copy("format_c")
-    weights = mx.load(str(path / "model.safetensors"))
-    mx.save_safetensors(str(path / "model.safetensors"), {k: v for k, v in weights.items() if k.startswith("language_model.")})
-    with pytest.raises(FastVLMError, match="mlpackage"):
+    with pytest.raises(FastVLMError, match=message):
         load(str(path))
 
 
