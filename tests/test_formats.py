@@ -121,3 +121,13 @@ def test_two_images_spliced_in_order(loaded):
     out = model.embed_prompt([5, IMAGE_PLACEHOLDER, 6, 7, IMAGE_PLACEHOLDER, 8], images)
     assert out.shape == (4 + 2 * n, hidden)
     assert mx.all(out[1 : 1 + n] == 1.0).item() and mx.all(out[3 + n : 3 + 2 * n] == 2.0).item()
+
+
+def test_preprocessing_matches_apple_pipeline(loaded, reference):
+    """expand2square + transformers' CLIPImageProcessor (PIL path), as Apple's predict.py, computed by the fixture script."""
+    from conftest import PHOTO
+
+    _, (_, processor) = loaded
+    arrays, _ = reference
+    assert processor.image_size == 256
+    assert mx.abs(processor.preprocess(PHOTO) - arrays["pixels"]).max().item() <= 1e-6
