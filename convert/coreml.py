@@ -18,9 +18,11 @@ traced back to its source.
 coremltools is optional (``pip install 'fastvlm-mlx[coreml]'``) and is imported only here.
 """
 
+import functools
 import logging
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Union
 
@@ -70,7 +72,7 @@ def _linear(m):
         w = mx.dequantize(m.weight, m.scales, m.biases, group_size=m.group_size, bits=m.bits)
     else:
         w = m.weight
-    bias = m.get("bias") if isinstance(m, dict) else getattr(m, "bias", None)
+    bias = m.get("bias")  # mlx modules are dicts of their parameters
     return _np(w), None if bias is None else _np(bias)
 
 
@@ -288,6 +290,25 @@ def build_program(model, resolution: Optional[int] = None, include_projector: bo
     return prog
 
 
+@contextmanager
+def _progress_bars_on_terminals_only():
+    """coremltools draws a tqdm bar per pass pipeline even into logs; keep them for terminals, as our CLIs do."""
+    try:
+        from coremltools.converters.mil.mil.passes import pass_pipeline
+    except ImportError:  # pragma: no cover - layout of another coremltools version
+        yield
+        return
+    original = getattr(pass_pipeline, "tqdm", None)
+    if original is None:  # pragma: no cover
+        yield
+        return
+    pass_pipeline.tqdm = functools.partial(original, disable=None)
+    try:
+        yield
+    finally:
+        pass_pipeline.tqdm = original
+
+
 def convert_program(prog, resolution: int, precision: str = "float16", image_input: bool = False):
     """ct.convert the program into an ML Program MLModel (iOS17 / macOS14 and later)."""
     ct = require_coremltools()
@@ -299,15 +320,16 @@ def convert_program(prog, resolution: int, precision: str = "float16", image_inp
     else:
         inputs = [ct.TensorType(name=INPUT_NAME, shape=shape, dtype=np.float32)]
     output_name = prog.functions["main"].outputs[0].name
-    mlmodel = ct.convert(
-        prog,
-        convert_to="mlprogram",
-        inputs=inputs,
-        outputs=[ct.TensorType(name=output_name, dtype=np.float32)],  # fp32 out even at fp16 compute
-        minimum_deployment_target=ct.target.iOS17,
-        compute_precision=ct.precision.FLOAT16 if precision == "float16" else ct.precision.FLOAT32,
-        compute_units=ct.ComputeUnit.ALL,
-    )
+    with _progress_bars_on_terminals_only():
+        mlmodel = ct.convert(
+            prog,
+            convert_to="mlprogram",
+            inputs=inputs,
+            outputs=[ct.TensorType(name=output_name, dtype=np.float32)],  # fp32 out even at fp16 compute
+            minimum_deployment_target=ct.target.iOS17,
+            compute_precision=ct.precision.FLOAT16 if precision == "float16" else ct.precision.FLOAT32,
+            compute_units=ct.ComputeUnit.ALL,
+        )
     mlmodel.short_description = "FastViTHD vision encoder of FastVLM (exported by fastvlm-mlx)"
     mlmodel.input_description[INPUT_NAME] = (
         "RGB image, resized and center-cropped" if image_input else "RGB pixels in [0, 1], NCHW"

@@ -101,8 +101,13 @@ def convert_checkpoint(
     quantize_projector: bool = False,
     force: bool = False,
     progress: Callable[[str], None] = lambda step: None,
+    extra_export: Optional[Callable[[FastVLM, Path], None]] = None,
 ) -> FastVLM:
-    """Convert ``src`` (any supported format) into an MLX directory at ``dst``; returns the converted model."""
+    """Convert ``src`` (any supported format) into an MLX directory at ``dst``; returns the converted model.
+
+    ``extra_export(model, directory)``, if given, writes more files (e.g. the CoreML vision encoder) into
+    the temporary directory before it is renamed into place, so they are part of the same atomic write.
+    """
     if dtype not in DTYPES:
         raise FastVLMError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype})")
     check_destination(dst, force)
@@ -126,5 +131,7 @@ def convert_checkpoint(
         for name in SIDE_FILES:
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
+        if extra_export is not None:
+            extra_export(model, tmp)
     progress("done")
     return model

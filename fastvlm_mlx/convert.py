@@ -4,7 +4,23 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .errors import exit_on_user_error
+from .errors import FastVLMError, exit_on_user_error
+
+
+def _export_coreml_only(src: Path, dst: Path, options: dict, force: bool) -> None:
+    """--coreml-only: the vision encoder of any checkpoint -> a .mlpackage, nothing else."""
+    import mlx.core as mx
+
+    from convert.coreml import PACKAGE_NAME, export_coreml
+
+    from .loader import load_model
+
+    package = dst if dst.suffix == ".mlpackage" else dst / PACKAGE_NAME
+    if package.exists() and not force:
+        raise FastVLMError(f"{package}: already exists (use --force to replace it)")
+    model = load_model(src, mx.float32)
+    export_coreml(model, package, force=force, **options)
+    print(f"wrote {package}", file=sys.stderr)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -24,12 +40,56 @@ def main(argv: Optional[List[str]] = None) -> int:
         q_group_size: int = typer.Option(64, "--q-group-size", help="Quantization group size."),
         quantize_projector: bool = typer.Option(False, "--quantize-projector", help="Quantize the projector too."),
         force: bool = typer.Option(False, "--force", help="Replace a non-empty destination."),
+        coreml: bool = typer.Option(
+            False, "--coreml", help="Also export the vision encoder as fastvithd.mlpackage (CoreML) next to the weights."
+        ),
+        coreml_only: bool = typer.Option(
+            False,
+            "--coreml-only",
+            help="Only export the CoreML vision encoder of --hf-path (any checkpoint, converted or not) to "
+            "--mlx-path/fastvithd.mlpackage, or to --mlx-path itself if it ends in .mlpackage.",
+        ),
+        coreml_precision: str = typer.Option("float16", "--coreml-precision", help="CoreML compute precision: float16 or float32."),
+        coreml_image_input: bool = typer.Option(
+            False, "--coreml-image-input", help="Take an RGB image (CVPixelBuffer) instead of a float tensor in [0, 1]."
+        ),
+        coreml_include_projector: bool = typer.Option(
+            False, "--coreml-include-projector", help="Run the projector in CoreML too (output image_embeddings)."
+        ),
+        coreml_resolution: Optional[int] = typer.Option(
+            None, "--coreml-resolution", help="Input size of the CoreML encoder (default: the model's image size)."
+        ),
     ):
         from convert import convert_checkpoint
 
         from .loader import resolve_path
 
+        coreml_options = None
+        if coreml or coreml_only:
+            from convert.coreml import PRECISIONS, check_resolution, require_coremltools
+
+            require_coremltools()  # fail before anything is read or written
+            if coreml_precision not in PRECISIONS:
+                raise FastVLMError(f"--coreml-precision must be one of {', '.join(PRECISIONS)} (got {coreml_precision})")
+            if coreml_resolution is not None:
+                check_resolution(coreml_resolution)
+            coreml_options = dict(
+                resolution=coreml_resolution,
+                precision=coreml_precision,
+                image_input=coreml_image_input,
+                include_projector=coreml_include_projector,
+            )
         src = resolve_path(hf_path)
+        if coreml_only:
+            _export_coreml_only(src, mlx_path, coreml_options, force)
+            return
+        extra_export = None
+        if coreml_options is not None:
+            from convert.coreml import PACKAGE_NAME, export_coreml
+
+            def extra_export(model, directory: Path) -> None:
+                export_coreml(model, directory / PACKAGE_NAME, **coreml_options)
+
         steps = ["reading checkpoint", "building model", "writing", "done"]
         # disable=None: a bar on terminals only, so logs and error output stay clean
         with tqdm(total=len(steps) + quantize, desc="converting", unit="step", file=sys.stderr, disable=None) as bar:
@@ -48,6 +108,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 quantize_projector=quantize_projector,
                 force=force,
                 progress=progress,
+                extra_export=extra_export,
             )
         print(f"wrote {mlx_path}", file=sys.stderr)
 

@@ -39,8 +39,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         seed: Optional[int] = typer.Option(None, "--seed"),
         system: str = typer.Option(DEFAULT_SYSTEM, "--system", help="System prompt ('' for none)."),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="Print timing and memory to stderr."),
+        vision_backend: str = typer.Option(
+            "mlx", "--vision-backend", help="mlx, or coreml (macOS: the model directory's fastvithd.mlpackage)."
+        ),
     ):
-        model, processor = load(model_path)
+        model, processor = load(model_path, vision_backend=vision_backend)
         last = None
         for last in stream_generate(
             model,

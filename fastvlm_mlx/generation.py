@@ -70,8 +70,7 @@ def stream_generate(
     start = time.perf_counter()
     image_embeds = None
     if pixels:
-        dtype = model.vision_tower.stem.layers[0].weight.dtype
-        image_embeds = model.encode_image(mx.concatenate(pixels).astype(dtype))
+        image_embeds = model.encode_image(mx.concatenate(pixels).astype(model.vision_tower.dtype))
         mx.eval(image_embeds)
     vision_ms = (time.perf_counter() - start) * 1e3
 

@@ -73,11 +73,33 @@ def load_model(path: Path, dtype: Optional[mx.Dtype] = None) -> FastVLM:
     return model
 
 
-def load(path_or_repo: str = DEFAULT_MODEL, dtype: Optional[mx.Dtype] = None) -> Tuple[FastVLM, "FastVLMProcessor"]:
-    """Load a FastVLM checkpoint of any supported format; returns (model, processor)."""
+VISION_BACKENDS = ("mlx", "coreml")
+
+
+def load(
+    path_or_repo: str = DEFAULT_MODEL, dtype: Optional[mx.Dtype] = None, vision_backend: str = "mlx"
+) -> Tuple[FastVLM, "FastVLMProcessor"]:
+    """Load a FastVLM checkpoint of any supported format; returns (model, processor).
+
+    ``vision_backend="coreml"`` (macOS) encodes images with ``fastvithd.mlpackage`` from the model
+    directory, as Apple's app does; the projector and decoder still run in MLX.
+    """
     from .processor import FastVLMProcessor
 
+    if vision_backend not in VISION_BACKENDS:
+        raise FastVLMError(f"vision_backend must be one of {', '.join(VISION_BACKENDS)} (got {vision_backend!r})")
     path = resolve_path(str(path_or_repo))
+    coreml_tower = None
+    if vision_backend == "coreml":  # before the weights are read, so a missing package fails fast
+        from .coreml_vision import PACKAGE_NAME, CoreMLVisionTower
+
+        coreml_tower = CoreMLVisionTower.open(path / PACKAGE_NAME)
     model = load_model(path, dtype)
+    if coreml_tower is not None:
+        if coreml_tower.resolution != model.config.image_size:
+            raise FastVLMError(
+                f"{coreml_tower.source}: takes {coreml_tower.resolution}px images but the model uses {model.config.image_size}px"
+            )
+        model.vision_tower = coreml_tower  # a plain object: the MLX tower's weights are dropped
     processor = FastVLMProcessor.from_pretrained(path, model.config)
     return model, processor

@@ -333,6 +333,11 @@ class FastViTHD(nn.Module):
         self.stages = [Stage(config, i) for i in range(len(config.layers))]
         self.final_conv = FinalConv(config.embed_dims[-1], config.se_ratio)
 
+    @property
+    def dtype(self) -> mx.Dtype:
+        """The dtype pixels should be given in (that of the weights)."""
+        return self.stem.layers[0].weight.dtype
+
     def __call__(self, pixels: mx.array) -> mx.array:
         x = self.stem(pixels)
         for stage in self.stages:
