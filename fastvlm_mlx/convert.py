@@ -29,7 +29,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
-    @app.command(help="Convert Apple, transformers or mlx-vlm FastVLM checkpoints to fastvlm-mlx's MLX format.")
+    @app.command(
+        help="Convert Apple, transformers or mlx-vlm FastVLM checkpoints to fastvlm-mlx's MLX format "
+        "(or, with --app-bundle, to the model folder of Apple's FastVLM app)."
+    )
     @exit_on_user_error
     def run(
         hf_path: str = typer.Option(..., "--hf-path", help="Local checkpoint directory or Hugging Face repo id."),
@@ -59,11 +62,32 @@ def main(argv: Optional[List[str]] = None) -> int:
         coreml_resolution: Optional[int] = typer.Option(
             None, "--coreml-resolution", help="Input size of the CoreML encoder (default: the model's image size)."
         ),
+        app_bundle: bool = typer.Option(
+            False,
+            "--app-bundle",
+            help="Write --mlx-path as the model folder of Apple's FastVLM app (app/FastVLM/model/): "
+            "llava_qwen2 config, LLM and projector weights, tokenizer with <image>, fastvithd.mlpackage.",
+        ),
     ):
         from convert import convert_checkpoint
 
         from .loader import resolve_path
 
+        if app_bundle:
+            given = {
+                "--coreml": coreml,
+                "--coreml-only": coreml_only,
+                "--coreml-image-input": coreml_image_input,
+                "--coreml-include-projector": coreml_include_projector,
+                "--coreml-resolution": coreml_resolution is not None,
+            }
+            other = [flag for flag, on in given.items() if on]
+            if other:
+                raise FastVLMError(
+                    f"--app-bundle writes the package the app expects (tensor input, model resolution, no projector); "
+                    f"drop {', '.join(other)}"
+                )
+            coreml = True  # the bundle holds the encoder: same coremltools and precision checks as --coreml
         coreml_options = None
         if coreml or coreml_only:
             from convert.coreml import PRECISIONS, check_resolution, require_coremltools
@@ -83,12 +107,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         if coreml_only:
             _export_coreml_only(src, mlx_path, coreml_options, force)
             return
-        extra_export = None
-        if coreml_options is not None:
+        write, write_options = convert_checkpoint, {}
+        if app_bundle:
+            from convert.app_bundle import convert_app_bundle
+
+            write = convert_app_bundle
+            write_options = dict(
+                coreml_precision=coreml_precision, warn=lambda m: print(f"warning: {m}", file=sys.stderr)
+            )
+        elif coreml_options is not None:
             from convert.coreml import PACKAGE_NAME, export_coreml
 
             def extra_export(model, directory: Path) -> None:
                 export_coreml(model, directory / PACKAGE_NAME, **coreml_options)
+
+            write_options = dict(extra_export=extra_export)
 
         steps = ["reading checkpoint", "building model", "writing", "done"]
         # disable=None: a bar on terminals only, so logs and error output stay clean
@@ -99,7 +132,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 if step != "reading checkpoint":
                     bar.update(1)
 
-            convert_checkpoint(
+            write(
                 src,
                 mlx_path,
                 dtype=dtype,
@@ -108,7 +141,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 quantize_projector=quantize_projector,
                 force=force,
                 progress=progress,
-                extra_export=extra_export,
+                **write_options,
             )
         print(f"wrote {mlx_path}", file=sys.stderr)
 

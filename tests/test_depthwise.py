@@ -56,3 +56,14 @@ def test_default_choice(monkeypatch):
     assert vision.depthwise_impl() == expected
     monkeypatch.setenv(vision._DEPTHWISE_ENV, "shift")
     assert vision.depthwise_impl() == "shift"
+
+
+def test_cpu_gelu_matches_exact_gelu():
+    import mlx.nn as nn
+
+    x = mx.concatenate([mx.linspace(-12, 12, 100001), mx.random.normal((10000,)) * 3])
+    ref = nn.gelu(x)
+    out = vision._gelu_rational(x)
+    assert mx.abs(out - ref).max().item() < 2e-6
+    assert _rel(out, ref) < 1e-6
+    assert vision.gelu(x).dtype == mx.float32

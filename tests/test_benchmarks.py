@@ -1,0 +1,41 @@
+"""CI smoke test of the benchmark suite: ``python -m benchmarks.run --smoke`` runs and reports sane JSON."""
+
+import json
+
+from conftest import run_cli
+
+FIGURES = ("vision_ms", "ttft_ms", "prefill_tps", "decode_tps", "peak_gb", "rss_gb", "load_ms")
+
+
+def test_smoke_run_reports_every_figure(tmp_path):
+    out = tmp_path / "bench.jsonl"
+    proc = run_cli("benchmarks.run", "--smoke", "--profile", "--prefix-cache", "--output", str(out), timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert lines == [json.loads(line) for line in out.read_text().splitlines()]
+
+    header, ours = lines[0], lines[1]
+    assert header["benchmark"] == "fastvlm" and "--smoke" in header["command"]
+    assert header["machine"]["cores"] >= 1 and header["versions"]["mlx"]
+
+    assert ours["system"] == "ours" and "error" not in ours
+    # smoke shapes: 128 px -> (128/64)^2 = 4 image positions between 10 and 30 text tokens
+    assert ours["positions"] == 10 + 4 + 30
+    for fig in FIGURES:
+        stats = ours[fig]
+        assert stats is not None, fig
+        assert 0 < stats["min"] <= stats["median"] <= stats["max"], (fig, stats)
+    assert ours["vision_ms"]["n"] == ours["reps"] == 2
+    assert ours["vision_ms"]["min"] < ours["ttft_ms"]["max"]  # TTFT includes the vision encode
+    assert ours["peak_gb"]["max"] < 4 and ours["rss_gb"]["max"] < 8
+    info = ours["info"]
+    assert info["depthwise"] in ("toeplitz", "native", "shift")
+    assert set(info["vision_profile_ms"]) >= {"stem", "stage0", "stage4", "final_conv", "projector"}
+    assert info["ttft_prefix_cached_ms"]["min"] > 0
+    assert "table" not in proc.stdout and "vision_ms" in proc.stderr  # the table goes to stderr
+
+
+def test_bad_option_is_rejected():
+    proc = run_cli("benchmarks.run", "--smoke", "--peers", "nope", timeout=120)
+    assert proc.returncode == 2
+    assert "unknown peer" in proc.stderr
