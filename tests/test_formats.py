@@ -131,3 +131,13 @@ def test_preprocessing_matches_apple_pipeline(loaded, reference):
     arrays, _ = reference
     assert processor.image_size == 256
     assert mx.abs(processor.preprocess(PHOTO) - arrays["pixels"]).max().item() <= 1e-6
+
+
+def test_two_stream_cpu_path_matches_single_stream(loaded, reference, monkeypatch):
+    """On the CPU the MLPs and attention heads run in two streams; the numbers must not change."""
+    _, (model, _) = loaded
+    pixels = reference[0]["pixels"]
+    both = model.vision_tower(pixels)
+    monkeypatch.setenv("FASTVLM_MLX_CPU_STREAMS", "1")
+    single = model.vision_tower(pixels)
+    assert mx.array_equal(both, single).item()
