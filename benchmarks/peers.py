@@ -11,7 +11,7 @@ position's logits (``logits_to_keep=1``) and runs synchronously.
 
 import time
 
-from .shapes import PRE, POST, prompt_ids, rss_peak_gb, text_config, vision_shape
+from .shapes import prompt_ids, text_config, vision_shape
 
 
 def bench_mlxvlm(spec: dict) -> dict:

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 
-from .shapes import PRE, POST, prompt_ids, rss_peak_gb, summarize, text_config, vision_shape
+from .shapes import PRE, prompt_ids, rss_peak_gb, summarize, text_config, vision_shape
 
 MARK = "BENCH_RESULT "
 FIGURES = ["vision_ms", "ttft_ms", "prefill_tps", "decode_tps", "peak_gb", "rss_gb"]

@@ -34,13 +34,10 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from fastvlm_mlx.errors import FastVLMError
-from fastvlm_mlx.loader import build_model
 from fastvlm_mlx.model import FastVLM
 
 from .coreml import PACKAGE_NAME, PRECISIONS, export_coreml, require_coremltools
-from .quantize import quantize
-from .reader import read_checkpoint
-from .writer import DTYPES, SHARD_BYTES, atomic_directory, check_destination
+from .writer import DTYPES, atomic_directory, check_destination, prepare_model, save_weights
 
 APP_MODEL_TYPE = "llava_qwen2"  # FastVLM.register: typeRegistry.registerModelType("llava_qwen2")
 APP_PROCESSOR_CLASS = "LlavaProcessor"  # FastVLM.register: processorRegistry.registerProcessorType(...)
@@ -246,29 +243,6 @@ def add_image_token(source_dir: Path, directory: Path, vocab_size: int) -> int:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _save(weights: Dict[str, mx.array], directory: Path) -> None:
-    """model.safetensors, or shards of at most SHARD_BYTES (the app loads every *.safetensors in the folder)."""
-    shards, current, size = [], {}, 0
-    for key in sorted(weights):
-        value = weights[key]
-        if current and size + value.nbytes > SHARD_BYTES:
-            shards.append(current)
-            current, size = {}, 0
-        current[key] = value
-        size += value.nbytes
-    shards.append(current)
-    if len(shards) == 1:
-        mx.save_safetensors(str(directory / "model.safetensors"), shards[0], metadata={"format": "mlx"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        mx.save_safetensors(str(directory / name), shard, metadata={"format": "mlx"})
-        weight_map.update({k: name for k in shard})
-    index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values())}, "weight_map": weight_map}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-
 def export_app_bundle(
     model: FastVLM,
     source_dir: Path,
@@ -298,7 +272,7 @@ def export_app_bundle(
     for name in COPIED_FILES:
         if (source_dir / name).is_file():
             shutil.copy2(source_dir / name, directory / name)
-    _save(app_weights(model), directory)
+    save_weights(app_weights(model), directory)
     export_coreml(model, directory / PACKAGE_NAME, precision=coreml_precision)
 
 
@@ -318,24 +292,12 @@ def convert_app_bundle(
 
     The steps and their checks are ``convert_checkpoint``'s; only what is written differs.
     """
-    if dtype not in DTYPES:
-        raise FastVLMError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype})")
     require_coremltools()
     if coreml_precision not in PRECISIONS:
         raise FastVLMError(f"--coreml-precision must be one of {', '.join(PRECISIONS)} (got {coreml_precision})")
     src, dst = Path(src), Path(dst)
     check_destination(dst, force)
-    progress("reading checkpoint")
-    config, weights = read_checkpoint(src)
-    progress("building model")
-    model = build_model(config, weights, str(src))
-    del weights
-    model.set_dtype(DTYPES[dtype])
-    if quantize_bits:
-        if config.quantization:
-            raise FastVLMError(f"{src}: already quantized; convert from a floating-point checkpoint")
-        progress(f"quantizing decoder to {quantize_bits} bits")
-        config.quantization = quantize(model, quantize_bits, group_size, quantize_projector)
+    model = prepare_model(src, dtype, quantize_bits, group_size, quantize_projector, progress)
     progress("writing")
     with atomic_directory(dst, force) as tmp:
         export_app_bundle(model, src, tmp, coreml_precision, warn)

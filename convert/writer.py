@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Dict, Iterator, Optional
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -70,10 +70,10 @@ def atomic_directory(dst: Path, force: bool) -> Iterator[Path]:
         raise
 
 
-def save_weights(model: FastVLM, directory: Path) -> None:
+def save_weights(weights: Dict[str, mx.array], directory: Path) -> None:
     """Safetensors shards of at most SHARD_BYTES, with an index when there is more than one."""
     shards, current, size = [], {}, 0
-    for key, value in tree_flatten(model.parameters()):
+    for key, value in weights.items():
         if current and size + value.nbytes > SHARD_BYTES:
             shards.append(current)
             current, size = {}, 0
@@ -88,8 +88,33 @@ def save_weights(model: FastVLM, directory: Path) -> None:
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         mx.save_safetensors(str(directory / name), shard, metadata={"format": "mlx"})
         weight_map.update({k: name for k in shard})
-    index = {"metadata": {"total_size": sum(v.nbytes for s in shards for v in s.values())}, "weight_map": weight_map}
+    index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values())}, "weight_map": weight_map}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def prepare_model(
+    src: Path,
+    dtype: str = "float16",
+    quantize_bits: Optional[int] = None,
+    group_size: int = 64,
+    quantize_projector: bool = False,
+    progress: Callable[[str], None] = lambda step: None,
+) -> FastVLM:
+    """Read any supported checkpoint, load it strictly, cast it to ``dtype`` and optionally quantize the decoder."""
+    if dtype not in DTYPES:
+        raise FastVLMError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype})")
+    progress("reading checkpoint")
+    config, weights = read_checkpoint(src)
+    progress("building model")
+    model = build_model(config, weights, str(src))
+    del weights
+    model.set_dtype(DTYPES[dtype])
+    if quantize_bits:
+        if config.quantization:
+            raise FastVLMError(f"{src}: already quantized; convert from a floating-point checkpoint")
+        progress(f"quantizing decoder to {quantize_bits} bits")
+        config.quantization = quantize(model, quantize_bits, group_size, quantize_projector)
+    return model
 
 
 def convert_checkpoint(
@@ -108,24 +133,12 @@ def convert_checkpoint(
     ``extra_export(model, directory)``, if given, writes more files (e.g. the CoreML vision encoder) into
     the temporary directory before it is renamed into place, so they are part of the same atomic write.
     """
-    if dtype not in DTYPES:
-        raise FastVLMError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype})")
     check_destination(dst, force)
-    progress("reading checkpoint")
-    config, weights = read_checkpoint(src)
-    progress("building model")
-    model = build_model(config, weights, str(src))
-    del weights
-    model.set_dtype(DTYPES[dtype])
-    if quantize_bits:
-        if config.quantization:
-            raise FastVLMError(f"{src}: already quantized; convert from a floating-point checkpoint")
-        progress(f"quantizing decoder to {quantize_bits} bits")
-        config.quantization = quantize(model, quantize_bits, group_size, quantize_projector)
+    model = prepare_model(src, dtype, quantize_bits, group_size, quantize_projector, progress)
     progress("writing")
     with atomic_directory(dst, force) as tmp:
-        save_weights(model, tmp)
-        out_config = config.to_dict()
+        save_weights(dict(tree_flatten(model.parameters())), tmp)
+        out_config = model.config.to_dict()
         out_config["torch_dtype"] = dtype
         (tmp / "config.json").write_text(json.dumps(out_config, indent=2))
         for name in SIDE_FILES:

@@ -5,13 +5,16 @@ checkpoints are converted in memory by the ``convert`` package (no torch needed)
 """
 
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .errors import FastVLMError
 from .model import FastVLM, ModelConfig
+
+if TYPE_CHECKING:
+    from .processor import FastVLMProcessor
 
 DEFAULT_MODEL = "apple/FastVLM-0.5B"
 

@@ -1,7 +1,6 @@
 """fastvlm_mlx.image: Apple's FastVLM preprocessing, every PIL mode, and one-line errors for bad input."""
 
 import warnings
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
