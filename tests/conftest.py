@@ -28,6 +28,17 @@ def reference():
     return arrays, meta
 
 
+@pytest.fixture(scope="session")
+def ct():
+    """coremltools, or a skip that says why (it is an optional dependency, installed in CI)."""
+    from convert.coreml import require_coremltools
+
+    try:
+        return require_coremltools()
+    except Exception as e:
+        pytest.skip(f"coremltools unavailable: {e}")
+
+
 @pytest.fixture
 def fixture_copy(tmp_path):
     """Copy a fixture checkpoint into tmp_path so a test can damage it."""

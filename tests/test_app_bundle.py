@@ -110,16 +110,6 @@ def swift_parameter_shapes(cfg: dict, weights: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ct():
-    from convert.coreml import require_coremltools
-
-    try:
-        return require_coremltools()
-    except Exception as e:
-        pytest.skip(f"coremltools unavailable: {e}")
-
-
-@pytest.fixture(scope="module")
 def bundle(ct, tmp_path_factory):
     """format_a written as an app bundle at float32 (so its weights compare exactly), and the warnings it gave."""
     from convert.app_bundle import convert_app_bundle

@@ -29,16 +29,6 @@ def _rel(a, b) -> float:
 
 
 @pytest.fixture(scope="module")
-def ct():
-    from convert.coreml import require_coremltools
-
-    try:
-        return require_coremltools()
-    except Exception as e:
-        pytest.skip(f"coremltools unavailable: {e}")
-
-
-@pytest.fixture(scope="module")
 def model():
     from fastvlm_mlx import load
 
