@@ -5,6 +5,11 @@ RepMixer / RepCPE branch is already fused into one conv.  The converter also
 folds the ConvFFN BatchNorm into its depthwise conv and stores 1x1 convs as
 Linear weights, so at run time each block is a handful of convs, matmuls and
 GELUs.  Block and field names follow the paper and timm's ``fastvit.py``.
+
+On the CPU three things differ from the GPU path, each behind one function and
+each tested against the plain one: depthwise convs run as BLAS matmuls
+(``depthwise_conv2d``), GELU uses a fused rational erf (``gelu``), and the MLPs
+and attention heads are split over two streams (``in_two_streams``).
 """
 
 import os
@@ -204,7 +209,6 @@ def gelu(x: mx.array) -> mx.array:
     if mx.default_device() == mx.gpu or x.dtype != mx.float32:
         return nn.gelu(x)
     return _gelu_rational_compiled(x)
-
 
 
 # MLX runs each CPU stream on its own thread, and its CPU elementwise kernels (GELU, softmax) are
