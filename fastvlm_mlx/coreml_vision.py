@@ -8,7 +8,7 @@ projector and decoder keep running in MLX.  The package is the one ``python -m f
 
 import sys
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict
 
 import mlx.core as mx
 import numpy as np
@@ -35,7 +35,7 @@ class CoreMLVisionTower:
         self.dtype = mx.float32  # the package's input, whatever its compute precision
 
     @classmethod
-    def open(cls, package: Path, image_size: Optional[int] = None) -> "CoreMLVisionTower":
+    def open(cls, package: Path) -> "CoreMLVisionTower":
         package = Path(package)
         if sys.platform != "darwin":
             raise FastVLMError(
@@ -70,8 +70,6 @@ class CoreMLVisionTower:
             resolution = int(inputs[INPUT_NAME].type.imageType.width)
         else:
             resolution = int(inputs[INPUT_NAME].type.multiArrayType.shape[-1])
-        if image_size is not None and resolution != image_size:
-            raise FastVLMError(f"{package}: takes {resolution}x{resolution} images but the model uses {image_size}")
         return cls(mlmodel.predict, resolution, kind == "imageType", str(package))
 
     def _encode_one(self, pixels: np.ndarray) -> np.ndarray:
