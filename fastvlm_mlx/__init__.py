@@ -6,8 +6,10 @@
 """
 
 from .blas import load_fast_blas
+from .heap import keep_large_buffers
 
 BLAS_LIBRARY = load_fast_blas()  # must run before mlx.core is first imported
+keep_large_buffers()  # Linux/glibc: large MLX buffers are reused instead of page-faulted in again
 
 from .errors import FastVLMError  # noqa: E402
 from .generation import GenerationResponse, generate, stream_generate  # noqa: E402

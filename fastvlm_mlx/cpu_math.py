@@ -1,0 +1,117 @@
+"""Exact GELU and softmax attention written so that MLX's CPU backend runs them fast.
+
+On the CPU, ``mx.compile`` fuses elementwise graphs into generated C++ loops that the compiler
+vectorizes, but only when (a) every input is contiguous with the output's shape (a broadcast input
+makes the loop strided and scalar), (b) no op in the loop is a branchy one such as ``maximum`` or
+``minimum`` (their NaN checks keep the whole loop scalar) and (c) no path through the graph is more
+than 11 ops deep (MLX's fusion limit; a deeper graph is cut into several kernels, some of them
+strided).  MLX's own CPU ``erf`` and ``exp`` are scalar: 25 and 13 ns per element.  The functions
+here keep to those rules: clamping uses ``abs``, polynomials use Estrin's scheme (depth log2 of the
+degree instead of the degree), and each computation is cut by hand into kernels within the limit.
+
+Measured on a 2-core x86 CPU (float32, 6.3M elements): GELU 7.6 -> 1.1 ns per element; the
+exponential of the softmax 13.8 -> ~1 ns per element.  Both stay within a few 1e-7 relative of
+float64 results.  GPUs keep MLX's own ops (``gelu``, ``attention`` decide).
+"""
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+def _estrin(coeffs, u: mx.array) -> mx.array:
+    """sum(c_i * u**i) for up to 8 ascending coefficients, 4 ops deep instead of Horner's 2 per degree."""
+    if len(coeffs) > 8:
+        raise ValueError("_estrin takes at most 8 coefficients")
+    u2 = u * u
+    u4 = u2 * u2
+    pairs = [coeffs[i] + coeffs[i + 1] * u if i + 1 < len(coeffs) else coeffs[i] for i in range(0, len(coeffs), 2)]
+    quads = [pairs[i] + pairs[i + 1] * u2 if i + 1 < len(pairs) else pairs[i] for i in range(0, len(pairs), 2)]
+    return quads[0] + quads[1] * u4 if len(quads) > 1 else quads[0]
+
+
+# ------------------------------------------------------------------------------------------ GELU
+# GELU(x) = x * (1/2 + erf(x / sqrt 2) / 2), with erf(s) = s P(s^2) / Q(s^2) on s clamped to [-4, 4]
+# (the rational form and coefficients of Eigen's float erf).  Written in w = 2 * clamp(x, -A, A) with
+# A = 4 sqrt 2, so that the clamp needs no halving: x * (1/2 + w P~(w^2) / Q~(w^2)), where the
+# substitution s^2 = w^2 / 8 and the factor 1 / (4 sqrt 2) are folded into the coefficients.
+_ERF_P = (-1.60960333262415e-02, -2.95459980854025e-03, -7.34990630326855e-04, -5.69250639462346e-05,
+          -2.10102402082508e-06, 2.77068142495902e-08, -2.72614225801306e-10)  # ascending powers of s^2
+_ERF_Q = (-1.42647390514189e-02, -7.37332916720468e-03, -1.68282697438203e-03, -2.13374055278905e-04,
+          -1.45660718464996e-05)
+_GELU_CLAMP = 4.0 * math.sqrt(2.0)
+_GELU_P = tuple(c / 8.0**i / (4.0 * math.sqrt(2.0)) for i, c in enumerate(_ERF_P))
+_GELU_Q = tuple(c / 8.0**i for i, c in enumerate(_ERF_Q))
+
+
+@mx.compile
+def _doubled_clamp(x: mx.array) -> mx.array:
+    """2 * clip(x, -A, A) without maximum/minimum: |x + A| - |x - A|."""
+    return mx.abs(x + _GELU_CLAMP) - mx.abs(x - _GELU_CLAMP)
+
+
+@mx.compile
+def _gelu_from_clamped(x: mx.array, w: mx.array) -> mx.array:
+    u = w * w
+    return x * (0.5 + w * _estrin(_GELU_P, u) / _estrin(_GELU_Q, u))
+
+
+def gelu_exact(x: mx.array) -> mx.array:
+    """Exact (erf) GELU in two vectorized kernels; within 1e-7 relative of ``nn.gelu`` (float32)."""
+    return _gelu_from_clamped(x, _doubled_clamp(x))
+
+
+def gelu(x: mx.array) -> mx.array:
+    """Exact GELU: ``nn.gelu`` on a GPU and for non-float32 arrays, ``gelu_exact`` on the CPU."""
+    if mx.default_device() == mx.gpu or x.dtype != mx.float32:
+        return nn.gelu(x)
+    return gelu_exact(x)
+
+
+# ----------------------------------------------------------------------------------- exponential
+# exp(y) for y <= 0: y clamped at -87 (so 2^n stays a normal float), n = round(y / ln 2) by the
+# 1.5 * 2^23 rounding trick, f = y - n ln 2 in two parts (Cody-Waite, so f is exact), exp(f) by a
+# degree-6 fit on [-ln2/2, ln2/2] (relative error 2e-9), and 2^n from its exponent bits.  Bit
+# reinterpretation is not fusable, so this is two kernels: range reduction, then polynomial * 2^n.
+_LOG2E = 1.4426950408889634
+_LN2_HI, _LN2_LO = 0.693359375, -2.12194440e-4  # LN2_HI has 9 significant bits: n * LN2_HI is exact
+_ROUND = 12582912.0  # 1.5 * 2^23: (t + _ROUND) - _ROUND rounds t to the nearest integer in float32
+_EXP_FLOOR = -87.0
+_EXP_POLY = (1.000000000592, 1.000000036134, 0.4999999149164, 0.1666642079678, 0.04166835815592,
+             0.008374774507024, 0.001382942431378)  # least-squares fit of exp(f) / relative error
+
+
+@mx.compile
+def _exp_range_reduce(y: mx.array):
+    r = _EXP_FLOOR - y
+    y2 = (y + y) + (r + mx.abs(r))  # 2 * max(y, floor), exact for y above the floor
+    n = (y2 * (0.5 * _LOG2E) + _ROUND) - _ROUND
+    f = (y2 * 0.5 - n * _LN2_HI) - n * _LN2_LO
+    exponent_bits = mx.left_shift(n.astype(mx.int32) + 127, 23)
+    return f, exponent_bits
+
+
+@mx.compile
+def _exp_reconstruct(f: mx.array, two_to_n: mx.array) -> mx.array:
+    return _estrin(_EXP_POLY, f) * two_to_n
+
+
+def exp_nonpositive(y: mx.array) -> mx.array:
+    """exp(y) for float32 y <= 0 (0 below about -87), in two vectorized kernels; ~1e-7 relative error."""
+    f, exponent_bits = _exp_range_reduce(y)
+    return _exp_reconstruct(f, exponent_bits.view(mx.float32))
+
+
+def attention_cpu(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    """softmax(q k^T * scale) v with the vectorized exponential; the row sums divide the small output."""
+    scores = (q * scale) @ k.swapaxes(-1, -2)
+    weights = exp_nonpositive(scores - mx.max(scores, axis=-1, keepdims=True))
+    return (weights @ v) / mx.sum(weights, axis=-1, keepdims=True)
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    """Scaled dot-product attention over (B, heads, N, head_dim): MLX's fused op except float32 on the CPU."""
+    if mx.default_device() == mx.gpu or q.dtype != mx.float32:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+    return attention_cpu(q, k, v, scale)
