@@ -39,12 +39,9 @@ HIGHER_IS_BETTER = {"prefill_tps", "decode_tps"}
 # ----------------------------------------------------------------------------------------- ours
 def _profile_vision(model, pixels, mx):
     """Per-stage times of the tower (each stage evaluated on its own), in ms."""
-    tower = model.vision_tower
     times = {}
     x = pixels
-    parts = [("stem", tower.stem)] + [(f"stage{i}", s) for i, s in enumerate(tower.stages)]
-    parts += [("final_conv", tower.final_conv)]
-    for name, part in parts:
+    for name, part in model.vision_tower.parts():
         t0 = time.perf_counter()
         x = part(x)
         mx.eval(x)

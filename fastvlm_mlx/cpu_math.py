@@ -18,6 +18,7 @@ import math
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.activations import swiglu as mlx_lm_swiglu
 
 
 def _estrin(coeffs, u: mx.array) -> mx.array:
@@ -64,7 +65,7 @@ def gelu_exact(x: mx.array) -> mx.array:
 
 def gelu(x: mx.array) -> mx.array:
     """Exact GELU: ``nn.gelu`` on a GPU and for non-float32 arrays, ``gelu_exact`` on the CPU."""
-    if mx.default_device() == mx.gpu or x.dtype != mx.float32:
+    if not on_cpu_float32(x):
         return nn.gelu(x)
     return gelu_exact(x)
 
@@ -82,14 +83,24 @@ _EXP_POLY = (1.000000000592, 1.000000036134, 0.4999999149164, 0.1666642079678, 0
              0.008374774507024, 0.001382942431378)  # least-squares fit of exp(f) / relative error
 
 
+def _reduce_range(doubled: mx.array):
+    """From 2 * max(y, floor): f = y - n ln 2 and the float32 bits of 2^n."""
+    n = (doubled * (0.5 * _LOG2E) + _ROUND) - _ROUND
+    f = (doubled * 0.5 - n * _LN2_HI) - n * _LN2_LO
+    exponent_bits = mx.left_shift(n.astype(mx.int32) + 127, 23)
+    return f, exponent_bits
+
+
 @mx.compile
 def _exp_range_reduce(y: mx.array):
     r = _EXP_FLOOR - y
-    y2 = (y + y) + (r + mx.abs(r))  # 2 * max(y, floor), exact for y above the floor
-    n = (y2 * (0.5 * _LOG2E) + _ROUND) - _ROUND
-    f = (y2 * 0.5 - n * _LN2_HI) - n * _LN2_LO
-    exponent_bits = mx.left_shift(n.astype(mx.int32) + 127, 23)
-    return f, exponent_bits
+    return _reduce_range((y + y) + (r + mx.abs(r)))  # 2 * max(y, floor), exact for y above the floor
+
+
+@mx.compile
+def _exp_minus_abs_range_reduce(x: mx.array):
+    a = mx.abs(x) + _EXP_FLOOR
+    return _reduce_range((a + mx.abs(a)) - 2 * mx.abs(x))  # 2 * max(-|x|, floor)
 
 
 @mx.compile
@@ -103,15 +114,59 @@ def exp_nonpositive(y: mx.array) -> mx.array:
     return _exp_reconstruct(f, exponent_bits.view(mx.float32))
 
 
-def attention_cpu(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
-    """softmax(q k^T * scale) v with the vectorized exponential; the row sums divide the small output."""
-    scores = (q * scale) @ k.swapaxes(-1, -2)
+# ---------------------------------------------------------------------------------- SiLU gate
+# silu(g) = g sigmoid(g), and sigmoid(g) = (1 if g >= 0 else t) / (1 + t) with t = exp(-|g|) <= 1:
+# no overflow, and relative accuracy in both tails.  The numerator is picked arithmetically (a
+# select would keep the loop scalar): (|g| - g) / (2|g| + 1e-30) is exactly 1.0 for g < 0 and 0.0
+# for g >= 0 (for |g| < 1e-22 it may fall in between, where t = 1 and both choices agree).
+@mx.compile
+def _swiglu_combine(gate: mx.array, x: mx.array, t: mx.array) -> mx.array:
+    negative = (mx.abs(gate) - gate) / (2.0 * mx.abs(gate) + 1e-30)
+    return gate * ((negative * t + (1.0 - negative)) / (1.0 + t)) * x
+
+
+def swiglu_cpu(gate: mx.array, x: mx.array) -> mx.array:
+    """silu(gate) * x, the Qwen2 MLP gate, in three vectorized kernels."""
+    f, exponent_bits = _exp_minus_abs_range_reduce(gate)
+    return _swiglu_combine(gate, x, _exp_reconstruct(f, exponent_bits.view(mx.float32)))
+
+
+def swiglu(gate: mx.array, x: mx.array) -> mx.array:
+    """silu(gate) * x: mlx-lm's compiled op on a GPU and for non-float32 arrays, ``swiglu_cpu`` on the CPU."""
+    if not on_cpu_float32(gate):
+        return mlx_lm_swiglu(gate, x)
+    return swiglu_cpu(gate, x)
+
+
+def attention_cpu(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool = False) -> mx.array:
+    """softmax(q k^T * scale) v with the vectorized exponential; the row sums divide the small output.
+
+    q is (B, heads, L, D); k and v may have fewer heads (grouped-query attention: each k/v head
+    serves heads / kv_heads consecutive query heads).  ``causal`` masks as mx.fast's "causal": query i
+    sees keys up to i + S - L (the queries are the last L of the S positions).
+    """
+    b, heads, length, dim = q.shape
+    kv_heads, keys = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    q = (q * scale).reshape(b, kv_heads, group * length, dim)  # a group's query heads share one k/v head
+    scores = q @ k.swapaxes(-1, -2)
+    if causal:
+        hidden = mx.arange(keys)[None] > mx.arange(keys - length, keys)[:, None]  # (L, S)
+        # -1e9 rather than -inf (inf - inf is NaN); the exponential clamps it to 1e-38, which
+        # vanishes when added to the row sum of at least 1.
+        scores = (scores.reshape(b, kv_heads, group, length, keys) + mx.where(hidden, -1e9, 0.0)).reshape(scores.shape)
     weights = exp_nonpositive(scores - mx.max(scores, axis=-1, keepdims=True))
-    return (weights @ v) / mx.sum(weights, axis=-1, keepdims=True)
+    out = (weights @ v) / mx.sum(weights, axis=-1, keepdims=True)
+    return out.reshape(b, heads, length, -1)
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+def on_cpu_float32(x: mx.array) -> bool:
+    """Whether this module's CPU formulations apply (elsewhere MLX's own ops are used)."""
+    return mx.default_device() == mx.cpu and x.dtype == mx.float32
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool = False) -> mx.array:
     """Scaled dot-product attention over (B, heads, N, head_dim): MLX's fused op except float32 on the CPU."""
-    if mx.default_device() == mx.gpu or q.dtype != mx.float32:
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
-    return attention_cpu(q, k, v, scale)
+    if not on_cpu_float32(q):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if causal else None)
+    return attention_cpu(q, k, v, scale, causal)

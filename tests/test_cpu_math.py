@@ -52,3 +52,36 @@ def test_attention_matches_mlx_fused_attention():
     # large logits must not overflow: the row maximum is subtracted first
     out = cpu_math.attention_cpu(q * 100, k, v, 0.25)
     assert mx.all(mx.isfinite(out)).item()
+
+
+def test_causal_grouped_attention_matches_mlx():
+    """Grouped-query heads, and queries that are the last L of S positions (a prefill after a cached prefix)."""
+    mx.random.seed(4)
+    q = mx.random.normal((1, 6, 7, 8)) * 2
+    k, v = mx.random.normal((1, 2, 11, 8)) * 2, mx.random.normal((1, 2, 11, 8))
+    for causal, mask in ((True, "causal"), (False, None)):
+        ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3, mask=mask)
+        out = cpu_math.attention_cpu(q, k, v, 0.3, causal=causal)
+        assert (mx.abs(out - ref).max() / mx.abs(ref).max()).item() < 1e-6, mask
+
+
+def test_decoder_layers_match_mlx_lm_with_a_cached_prefix():
+    """The decoder's CPU attention and SiLU gate give mlx-lm's Qwen2 outputs, prefix cache included."""
+    from mlx_lm.models import qwen2
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from fastvlm_mlx.model import DecoderAttention, DecoderMLP
+
+    args = qwen2.ModelArgs(model_type="qwen2", hidden_size=64, num_hidden_layers=2, intermediate_size=96,
+                           num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=50)
+    mx.random.seed(5)
+    theirs = qwen2.Model(args)
+    ours = qwen2.Model(args)
+    for layer in ours.layers:
+        layer.self_attn, layer.mlp = DecoderAttention(args), DecoderMLP(args.hidden_size, args.intermediate_size)
+    ours.update(theirs.parameters())
+    ids = mx.random.randint(0, 50, (1, 12))
+    caches = [make_prompt_cache(m) for m in (theirs, ours)]
+    for chunk in (ids[:, :5], ids[:, 5:11], ids[:, 11:]):  # prefix, then a multi-token step at offset 5, then decode
+        ref, out = theirs(chunk, cache=caches[0]), ours(chunk, cache=caches[1])
+        assert (mx.abs(out - ref).max() / mx.abs(ref).max()).item() < 1e-5
