@@ -1,4 +1,4 @@
-"""FastViTHD, the FastVLM vision encoder, in mlx.nn (NHWC, inference form).
+"""FastViTHD, the FastVLM vision encoder, in mlx.nn (inference form).
 
 Released checkpoints hold only the reparameterized network: every MobileOne /
 RepMixer / RepCPE branch is already fused into one conv.  The converter also
@@ -6,11 +6,13 @@ folds the ConvFFN BatchNorm into its depthwise conv and stores 1x1 convs as
 Linear weights, so at run time each block is a handful of convs, matmuls and
 GELUs.  Block and field names follow the paper and timm's ``fastvit.py``.
 
-On the CPU four things differ from the GPU path, each behind one function and
-each tested against the plain one: depthwise convs run as BLAS matmuls
-(``depthwise_conv2d``), GELU and the attention softmax use vectorizable fused
-math (``cpu_math.gelu``, ``cpu_math.attention``), and the MLPs and attention
-heads are split over two streams (``in_two_streams``).
+Images come in and embeddings go out channels-last (NHWC).  On the CPU four
+things differ from the GPU path, each behind one function and each tested
+against the plain one: depthwise convs run as BLAS matmuls
+(``depthwise_conv2d``), the conv stages run channels-first so that those
+matmuls need no transposes (``FastViTHD.parts``), GELU and the attention
+softmax use vectorizable fused math (``cpu_math.gelu``, ``cpu_math.attention``),
+and the attention heads are split over two streams (``in_two_streams``).
 """
 
 import os

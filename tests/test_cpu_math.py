@@ -37,9 +37,9 @@ def test_exp_matches_float64_exp():
     y = -np.linspace(0, 100, 400001).astype(np.float32)
     ref = np.exp(y.astype(np.float64))
     out = np.array(cpu_math.exp_nonpositive(mx.array(y)), dtype=np.float64)
-    above = y > -87
+    above = y > -64
     assert np.max(np.abs(out[above] - ref[above]) / ref[above]) < 3e-7  # MLX's own CPU exp: ~4e-6
-    assert np.all(out[~above] <= 1.7e-38) and np.all(out >= 0)  # clamped, never garbage
+    assert np.all(out[~above] <= 1.7e-28) and np.all(out > 0)  # clamped at exp(-64), never garbage
     assert out[0] == 1.0
 
 
