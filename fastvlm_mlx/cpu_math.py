@@ -1,4 +1,4 @@
-"""Exact GELU and softmax attention written so that MLX's CPU backend runs them fast.
+"""Exact GELU, the SiLU gate and softmax attention, written so that MLX's CPU backend runs them fast.
 
 On the CPU, ``mx.compile`` fuses elementwise graphs into generated C++ loops that the compiler
 vectorizes, but only when (a) every input is contiguous with the output's shape (a broadcast input
@@ -9,9 +9,10 @@ strided).  MLX's own CPU ``erf`` and ``exp`` are scalar: 25 and 13 ns per elemen
 here keep to those rules: clamping uses ``abs``, polynomials use Estrin's scheme (depth log2 of the
 degree instead of the degree), and each computation is cut by hand into kernels within the limit.
 
-Measured on a 2-core x86 CPU (float32, 6.3M elements): GELU 7.6 -> 1.1 ns per element; the
-exponential of the softmax 13.8 -> ~1 ns per element.  Both stay within a few 1e-7 relative of
-float64 results.  GPUs keep MLX's own ops (``gelu``, ``attention`` decide).
+Measured on a 2-core x86 CPU (float32): GELU 7.6 -> 1.1 ns per element, the exponential 13.8 ->
+1.6 ns, the decoder's SiLU gate 7x faster.  All stay within a few 1e-7 relative of float64 results
+(MLX's own exp: 4e-6).  GPUs and other dtypes keep MLX's own ops (``gelu``, ``swiglu`` and
+``attention`` decide, through ``on_cpu_float32``).
 """
 
 import math
@@ -22,7 +23,7 @@ from mlx_lm.models.activations import swiglu as mlx_lm_swiglu
 
 
 def _estrin(coeffs, u: mx.array) -> mx.array:
-    """sum(c_i * u**i) for up to 8 ascending coefficients, 4 ops deep instead of Horner's 2 per degree."""
+    """sum(c_i * u**i) for up to 8 ascending coefficients: 3 multiply-add tiers deep, where Horner needs one per degree."""
     if len(coeffs) > 8:
         raise ValueError("_estrin takes at most 8 coefficients")
     u2 = u * u
@@ -83,7 +84,7 @@ _ROUND = 12582912.0  # 1.5 * 2^23: (t + _ROUND) - _ROUND rounds t to the nearest
 # measured 2.3x slower.
 _EXP_FLOOR = -64.0
 _EXP_POLY = (1.000000000592, 1.000000036134, 0.4999999149164, 0.1666642079678, 0.04166835815592,
-             0.008374774507024, 0.001382942431378)  # least-squares fit of exp(f) / relative error
+             0.008374774507024, 0.001382942431378)  # fit minimizing the relative error at Chebyshev nodes
 
 
 def _reduce_range(doubled: mx.array):
