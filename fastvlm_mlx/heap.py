@@ -6,7 +6,8 @@ free, so every new 50-100 MB activation of the vision tower (the stem, stages 0-
 scores) is page-faulted in again, 4 KiB at a time: an elementwise op over 100 MB takes 60 ms instead
 of 10.  Raising the mmap and trim thresholds makes those buffers come from, and go back to, the
 heap, where the next op reuses them.  Freed memory stays with the process (up to the trim threshold),
-as it does in MLX's own Metal buffer cache; peak memory is unchanged.
+as it does in MLX's own Metal buffer cache: MLX's peak is unchanged, process RSS measured 4% higher
+(3.67 -> 3.82 GB for the 0.5B benchmark) for a vision encode 15% faster.
 
 Environment variable FASTVLM_MLX_MALLOC: ``0``/``off``/``false``/``no`` leaves malloc alone.
 """
