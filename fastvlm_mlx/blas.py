@@ -10,6 +10,7 @@ Environment variable FASTVLM_MLX_BLAS: `0`, `off`, `none` or `false` loads nothi
 library (and nothing else); anything else (or unset) searches the usual places.
 """
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -109,3 +110,37 @@ def load_fast_blas():
     except Exception:  # noqa: BLE001 - an import-time helper must never break the package import
         loaded = None
     return loaded
+
+
+def _thread_controls():
+    """(get, set) for the loaded library's thread count, or None when it has no such calls (or none is loaded)."""
+    if loaded is None:
+        return None
+    try:
+        lib = ctypes.CDLL(loaded)
+    except OSError:
+        return None
+    for get, set_ in (("openblas_get_num_threads", "openblas_set_num_threads"), ("MKL_Get_Max_Threads", "MKL_Set_Num_Threads")):
+        if hasattr(lib, get) and hasattr(lib, set_):
+            return getattr(lib, get), getattr(lib, set_)
+    return None
+
+
+@contextlib.contextmanager
+def blas_threads(n: int):
+    """BLAS calls that *run* inside this block use ``n`` threads (evaluate MLX arrays inside it).
+
+    For work already split over two MLX CPU streams, one BLAS thread per stream avoids the two streams'
+    matmuls contending for the same cores.  A no-op when the BLAS cannot be told (e.g. none was loaded).
+    """
+    controls = _thread_controls()
+    if controls is None:
+        yield
+        return
+    get, set_ = controls
+    before = get()
+    set_(n)
+    try:
+        yield
+    finally:
+        set_(before)

@@ -12,7 +12,9 @@ against the plain one: depthwise convs run as BLAS matmuls
 (``depthwise_conv2d``), the conv stages run channels-first so that those
 matmuls need no transposes (``FastViTHD.parts``), GELU and the attention
 softmax use vectorizable fused math (``cpu_math.gelu``, ``cpu_math.attention``),
-and the attention heads are split over two streams (``in_two_streams``).
+and the work is split over two CPU streams: the attention heads
+(``in_two_streams``) and each conv-stage block, whose GEMMs then run with one
+BLAS thread per stream (``RepMixerBlock._in_two_streams``, ``Stage``).
 """
 
 import os
@@ -24,6 +26,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .blas import blas_threads
 from .cpu_math import attention, gelu
 
 
@@ -219,10 +222,11 @@ def per_channel(v: mx.array, channels_first: bool) -> mx.array:
     return v[:, None, None] if channels_first else v
 
 
-# MLX runs each CPU stream on its own thread, and its CPU reductions and fused elementwise kernels are
-# single-threaded, so on the CPU the attention heads are split in two halves, one per stream (a stage-3
-# attention: 140-160 -> 118-133 ms).  The conv stages gain nothing from it: their GEMMs already use both
-# cores.  FASTVLM_MLX_CPU_STREAMS=1 turns this off.
+# MLX runs each CPU stream on its own thread, and its CPU reductions, fused elementwise kernels and the
+# depthwise convs' small matmuls are single-threaded, so on the CPU work is split in two halves, one per
+# stream: the attention heads (a stage-3 attention: 140-160 -> 118-133 ms), and each conv-stage block,
+# whose GEMMs then run with one BLAS thread per stream (``RepMixerBlock``, ``Stage``).
+# FASTVLM_MLX_CPU_STREAMS=1 turns this off.
 _STREAMS_ENV = "FASTVLM_MLX_CPU_STREAMS"
 
 
@@ -231,10 +235,15 @@ def _second_cpu_stream() -> mx.Stream:
     return mx.new_stream(mx.cpu)
 
 
+def two_cpu_streams() -> bool:
+    """Whether work is split over two CPU streams now (on the CPU, unless FASTVLM_MLX_CPU_STREAMS=1)."""
+    return mx.default_device() == mx.cpu and os.environ.get(_STREAMS_ENV, "2").strip() != "1"
+
+
 def in_two_streams(fn, *arrays: mx.array, axis: int) -> mx.array:
     """``fn(*arrays)`` for an ``fn`` that is independent along ``axis``: on the CPU, each half in its own stream."""
     n = arrays[0].shape[axis]
-    if mx.default_device() != mx.cpu or n < 2 or os.environ.get(_STREAMS_ENV, "2").strip() == "1":
+    if n < 2 or not two_cpu_streams():
         return fn(*arrays)
     half = n // 2
     first = fn(*(mx.split(a, [half], axis=axis)[0] for a in arrays))
@@ -256,6 +265,12 @@ class DepthwiseConv(nn.Module):
     def __call__(self, x: mx.array, channels_first: bool = False) -> mx.array:
         out = depthwise_conv2d(x, self.weight, self.stride, channels_first)
         return out + per_channel(self.bias, channels_first)
+
+
+def _depthwise_part(conv: "DepthwiseConv", x: mx.array, channels: slice) -> mx.array:
+    """``conv`` (multiplier 1) applied to the given channel range of an NCHW input that holds only those channels."""
+    out = depthwise_conv2d(x, conv.weight[channels], conv.stride, channels_first=True)
+    return out + conv.bias[channels][:, None, None]
 
 
 class ConvFFN(nn.Module):
@@ -282,8 +297,32 @@ class RepMixerBlock(nn.Module):
         self.layer_scale = mx.ones((dim,))
 
     def __call__(self, x: mx.array, channels_first: bool = False) -> mx.array:
+        if channels_first and two_cpu_streams():
+            return self._in_two_streams(x)
         x = self.token_mixer(x, channels_first)
         return x + per_channel(self.layer_scale, channels_first) * self.mlp(x, channels_first)
+
+    def _in_two_streams(self, x: mx.array) -> mx.array:
+        """The same block (NCHW) as two halves, one per CPU stream: the depthwise convs by channel halves,
+        the pointwise MLP and residual by halves of the H*W columns.  Same ops on the same numbers, so the
+        output is identical; meant to run with one BLAS thread per stream (see ``Stage``)."""
+        b, c, h, w = x.shape
+        streams = (mx.default_stream(mx.cpu), _second_cpu_stream())
+        mixed, conved = [], []
+        for stream, part in zip(streams, (slice(0, c // 2), slice(c // 2, c))):
+            with mx.stream(stream):
+                m = _depthwise_part(self.token_mixer, x[:, part], part)
+                mixed.append(m)
+                conved.append(_depthwise_part(self.mlp.conv, m, part))
+        mixed = mx.concatenate(mixed, axis=1).reshape(b, c, h * w)
+        conved = mx.concatenate(conved, axis=1).reshape(b, c, h * w)
+        out = []
+        for stream, cols in zip(streams, (slice(0, h * w // 2), slice(h * w // 2, h * w))):
+            with mx.stream(stream):
+                hidden = gelu(mx.addmm(self.mlp.fc1.bias[:, None], self.mlp.fc1.weight, conved[..., cols]))
+                y = mx.addmm(self.mlp.fc2.bias[:, None], self.mlp.fc2.weight, hidden)
+                out.append(mixed[..., cols] + self.layer_scale[:, None] * y)
+        return mx.concatenate(out, axis=-1).reshape(b, c, h, w)
 
 
 class Attention(nn.Module):
@@ -417,6 +456,16 @@ class Stage(nn.Module):
             x = self.downsample(x, channels_first)
         if self.pos_emb is not None:
             x = self.pos_emb(x, channels_first)  # RepCPE: its identity is folded into the conv
+        if channels_first and two_cpu_streams() and not self.has_attention:
+            # The blocks run as two halves in two streams (RepMixerBlock._in_two_streams); their GEMMs must
+            # run with one BLAS thread each, so they are evaluated here, inside that setting:
+            # 64x64x384 blocks 77 -> 68 ms, 128x128x192 blocks 101 -> 85 ms.
+            mx.eval(x)
+            with blas_threads(1):
+                for block in self.blocks:
+                    x = block(x, channels_first)
+                mx.eval(x)
+            return x
         for block in self.blocks:
             x = block(x, channels_first)
         return x

@@ -124,3 +124,34 @@ def test_bad_forced_path_does_not_raise(tmp_path):
     result, _ = run_fresh(tmp_path, env_value=str(tmp_path / "no-such-blas.so"))
     assert result["loaded"] is None
     assert result["max_err"] < 1e-3
+
+
+def test_blas_threads_sets_and_restores(tmp_path):
+    """blas_threads(n) is what the vision tower's two-stream conv stages rely on: n inside, the old count after."""
+    optimized_library_or_skip()
+    script = (
+        "import importlib.util, json, sys\n"
+        "spec = importlib.util.spec_from_file_location('b', sys.argv[1]); b = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(b); b.load_fast_blas()\n"
+        "get, _ = b._thread_controls()\n"
+        "before = get()\n"
+        "with b.blas_threads(1):\n"
+        "    inside = get()\n"
+        "print(json.dumps({'before': before, 'inside': inside, 'after': get()}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "FASTVLM_MLX_BLAS"}
+    proc = subprocess.run([sys.executable, "-c", script, str(ROOT / "fastvlm_mlx" / "blas.py")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["inside"] == 1
+    assert result["after"] == result["before"]
+
+
+def test_blas_threads_is_a_no_op_without_a_loaded_library():
+    spec = importlib.util.spec_from_file_location("fastvlm_blas_none", ROOT / "fastvlm_mlx" / "blas.py")
+    blas = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(blas)
+    assert blas.loaded is None and blas._thread_controls() is None
+    with blas.blas_threads(1):
+        pass
