@@ -106,6 +106,15 @@ def test_disabled_loads_nothing(tmp_path, value):
         assert targets and all("libblas-" in t and "mlx" in t for t in targets), targets
 
 
+def run_with_blas_module(script: str) -> str:
+    """Run ``script`` in a fresh interpreter (FASTVLM_MLX_BLAS unset) with blas.py's path as argv[1]; its stdout."""
+    env = {k: v for k, v in os.environ.items() if k != "FASTVLM_MLX_BLAS"}
+    proc = subprocess.run([sys.executable, "-c", script, str(ROOT / "fastvlm_mlx" / "blas.py")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
 def test_too_late_after_mlx_import(tmp_path):
     """Once mlx.core is imported its symbols are bound: loading then would only mislead --verbose."""
     script = (
@@ -113,11 +122,7 @@ def test_too_late_after_mlx_import(tmp_path):
         "spec = importlib.util.spec_from_file_location('b', sys.argv[1]); b = importlib.util.module_from_spec(spec)\n"
         "spec.loader.exec_module(b); print(b.load_fast_blas())\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "FASTVLM_MLX_BLAS"}
-    proc = subprocess.run([sys.executable, "-c", script, str(ROOT / "fastvlm_mlx" / "blas.py")],
-                          env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "None"
+    assert run_with_blas_module(script) == "None"
 
 
 def test_bad_forced_path_does_not_raise(tmp_path):
@@ -139,11 +144,7 @@ def test_blas_threads_sets_and_restores(tmp_path):
         "    inside = get()\n"
         "print(json.dumps({'before': before, 'inside': inside, 'after': get()}))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "FASTVLM_MLX_BLAS"}
-    proc = subprocess.run([sys.executable, "-c", script, str(ROOT / "fastvlm_mlx" / "blas.py")],
-                          env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(run_with_blas_module(script).splitlines()[-1])
     assert result["inside"] == 1
     assert result["after"] == result["before"]
 
