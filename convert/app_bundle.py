@@ -25,7 +25,6 @@ transformers.
 """
 
 import json
-import shutil
 import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -37,7 +36,7 @@ from fastvlm_mlx.errors import FastVLMError
 from fastvlm_mlx.model import FastVLM
 
 from .coreml import PACKAGE_NAME, PRECISIONS, export_coreml, require_coremltools
-from .writer import DTYPES, atomic_directory, check_destination, prepare_model, save_weights
+from .writer import DTYPES, convert_into, copy_present, save_weights
 
 APP_MODEL_TYPE = "llava_qwen2"  # FastVLM.register: typeRegistry.registerModelType("llava_qwen2")
 APP_PROCESSOR_CLASS = "LlavaProcessor"  # FastVLM.register: processorRegistry.registerProcessorType(...)
@@ -269,9 +268,7 @@ def export_app_bundle(
     (directory / "processor_config.json").write_text(
         json.dumps(app_processor_config(model.config.vision_config.patch_size), indent=2)
     )
-    for name in COPIED_FILES:
-        if (source_dir / name).is_file():
-            shutil.copy2(source_dir / name, directory / name)
+    copy_present(source_dir, directory, COPIED_FILES)
     save_weights(app_weights(model), directory)
     export_coreml(model, directory / PACKAGE_NAME, precision=coreml_precision)
 
@@ -296,10 +293,8 @@ def convert_app_bundle(
     if coreml_precision not in PRECISIONS:
         raise FastVLMError(f"--coreml-precision must be one of {', '.join(PRECISIONS)} (got {coreml_precision})")
     src, dst = Path(src), Path(dst)
-    check_destination(dst, force)
-    model = prepare_model(src, dtype, quantize_bits, group_size, quantize_projector, progress)
-    progress("writing")
-    with atomic_directory(dst, force) as tmp:
-        export_app_bundle(model, src, tmp, coreml_precision, warn)
-    progress("done")
-    return model
+
+    def write(model: FastVLM, directory: Path) -> None:
+        export_app_bundle(model, src, directory, coreml_precision, warn)
+
+    return convert_into(src, dst, write, dtype, quantize_bits, group_size, quantize_projector, force, progress)

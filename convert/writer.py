@@ -117,6 +117,35 @@ def prepare_model(
     return model
 
 
+def copy_present(src: Path, dst: Path, names) -> None:
+    """Copy those of the files ``names`` that ``src`` has into ``dst``, unchanged."""
+    for name in names:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def convert_into(
+    src: Path,
+    dst: Path,
+    write: Callable[[FastVLM, Path], None],
+    dtype: str,
+    quantize_bits: Optional[int],
+    group_size: int,
+    quantize_projector: bool,
+    force: bool,
+    progress: Callable[[str], None],
+) -> FastVLM:
+    """The steps every output format shares: refuse a bad destination before the slow read, prepare the
+    model, then ``write(model, directory)`` into a temporary directory that replaces ``dst`` when complete."""
+    check_destination(dst, force)
+    model = prepare_model(src, dtype, quantize_bits, group_size, quantize_projector, progress)
+    progress("writing")
+    with atomic_directory(dst, force) as tmp:
+        write(model, tmp)
+    progress("done")
+    return model
+
+
 def convert_checkpoint(
     src: Path,
     dst: Path,
@@ -133,18 +162,15 @@ def convert_checkpoint(
     ``extra_export(model, directory)``, if given, writes more files (e.g. the CoreML vision encoder) into
     the temporary directory before it is renamed into place, so they are part of the same atomic write.
     """
-    check_destination(dst, force)
-    model = prepare_model(src, dtype, quantize_bits, group_size, quantize_projector, progress)
-    progress("writing")
-    with atomic_directory(dst, force) as tmp:
-        save_weights(dict(tree_flatten(model.parameters())), tmp)
+    src, dst = Path(src), Path(dst)
+
+    def write(model: FastVLM, directory: Path) -> None:
+        save_weights(dict(tree_flatten(model.parameters())), directory)
         out_config = model.config.to_dict()
         out_config["torch_dtype"] = dtype
-        (tmp / "config.json").write_text(json.dumps(out_config, indent=2))
-        for name in SIDE_FILES:
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
+        (directory / "config.json").write_text(json.dumps(out_config, indent=2))
+        copy_present(src, directory, SIDE_FILES)
         if extra_export is not None:
-            extra_export(model, tmp)
-    progress("done")
-    return model
+            extra_export(model, directory)
+
+    return convert_into(src, dst, write, dtype, quantize_bits, group_size, quantize_projector, force, progress)

@@ -24,7 +24,8 @@ ENV_VAR = "FASTVLM_MLX_BLAS"
 # The library that load_fast_blas() loaded (as passed to dlopen), or None; for --verbose and benchmarks.
 loaded = None
 
-_DISABLED = {"0", "off", "none", "false", "no"}
+# Values of an on/off environment variable (this one and FASTVLM_MLX_MALLOC) that mean off.
+OFF_VALUES = {"0", "off", "none", "false", "no"}
 _done = False
 
 
@@ -95,7 +96,7 @@ def load_fast_blas():
         if not sys.platform.startswith("linux") or "mlx.core" in sys.modules:
             return None
         choice = os.environ.get(ENV_VAR, "").strip()
-        if choice.lower() in _DISABLED:
+        if choice.lower() in OFF_VALUES:
             return None
         if os.sep in choice or choice.startswith("lib"):
             if _try_load(choice):

@@ -17,8 +17,9 @@ import os
 import platform
 import sys
 
+from .blas import OFF_VALUES
+
 ENV_VAR = "FASTVLM_MLX_MALLOC"
-_DISABLED = {"0", "off", "none", "false", "no"}
 
 # mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -39,7 +40,7 @@ def keep_large_buffers() -> bool:
     try:
         if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
             return False
-        if os.environ.get(ENV_VAR, "").strip().lower() in _DISABLED:
+        if os.environ.get(ENV_VAR, "").strip().lower() in OFF_VALUES:
             return False
         libc = ctypes.CDLL(None)
         tuned = bool(libc.mallopt(_M_MMAP_THRESHOLD, _THRESHOLD_BYTES)) and bool(
