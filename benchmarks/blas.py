@@ -13,7 +13,7 @@ import sys
 
 CHILD = r"""
 import json, sys, time
-import fastvlm_mlx.blas as blas
+import fastvlm_mlx.cpu.blas as blas
 lib = blas.load_fast_blas()
 import mlx.core as mx
 n, reps = int(sys.argv[1]), int(sys.argv[2])

@@ -15,7 +15,7 @@ from .shapes import prompt_ids, text_config, vision_shape
 
 
 def bench_mlxvlm(spec: dict) -> dict:
-    from fastvlm_mlx.blas import load_fast_blas  # loads OpenBLAS/MKL before mlx.core, exactly as for ours
+    from fastvlm_mlx.cpu.blas import load_fast_blas  # loads OpenBLAS/MKL before mlx.core, exactly as for ours
 
     blas = load_fast_blas()
     import mlx.core as mx

@@ -6,7 +6,7 @@
 
 The prompt is 10 text tokens, one image, 30 text tokens (296 positions at 1024 px).  Token ids go
 straight to the model (no tokenizer): ``model.embed_prompt`` + ``model.encode_image`` + mlx-lm's
-``generate_step(input_embeddings=...)``, the path ``fastvlm_mlx.generate.stream_generate`` takes.
+``generate_step(input_embeddings=...)``, the path ``fastvlm_mlx.engine.Engine.stream`` takes.
 mlx-lm's prefill evaluates only the KV cache for all but the last position, so the LM head runs for
 one position (no full-prompt logits).
 
@@ -61,8 +61,9 @@ def bench_ours(spec: dict) -> dict:
     from mlx_lm.generate import generate_step
     from mlx_lm.models.cache import make_prompt_cache
 
+    from fastvlm_mlx.loader import specialize, uses_cpu_layer
     from fastvlm_mlx.model import IMAGE_PLACEHOLDER, FastVLM, ModelConfig
-    from fastvlm_mlx.vision import VisionConfig, depthwise_impl
+    from fastvlm_mlx.vision import VisionConfig
 
     if spec["device"] == "gpu":
         if not mx.is_available(mx.gpu):
@@ -83,6 +84,7 @@ def bench_ours(spec: dict) -> dict:
     if spec["q_bits"]:
         nn.quantize(model.language_model, group_size=64, bits=spec["q_bits"])
     mx.eval(model.parameters())
+    specialize(model)  # the CPU variants on the CPU in float32, as load() does
     load_ms = (time.perf_counter() - t0) * 1e3
 
     pre, post = prompt_ids(cfg.text_config["vocab_size"])
@@ -119,7 +121,10 @@ def bench_ours(spec: dict) -> dict:
 
     one(spec["warmup_decode"])
     runs = [one(spec["decode_tokens"]) for _ in range(spec["reps"])]
-    info = dict(blas=fastvlm_mlx.BLAS_LIBRARY, depthwise=depthwise_impl(),
+    cpu_layer = uses_cpu_layer(dtype)
+    if cpu_layer:
+        from fastvlm_mlx.cpu.depthwise import depthwise_impl
+    info = dict(blas=fastvlm_mlx.BLAS_LIBRARY, cpu_layer=cpu_layer, depthwise=depthwise_impl() if cpu_layer else "native",
                 load="build + materialize random weights (no file I/O)")
 
     if spec["profile"]:

@@ -1,10 +1,10 @@
-"""Checkpoint conversion for fastvlm-mlx: readers, key maps, BatchNorm folding, quantization, writers.
+"""Writing artefacts from any FastVLM checkpoint: MLX model directories (with quantization), the CoreML
+vision encoder and the model folder of Apple's app.
 
-Only the converters live here; the runtime in ``fastvlm_mlx`` imports this
-package lazily, to read checkpoints that are not yet in its own format.
+Reading checkpoints is the runtime's job (``fastvlm_mlx.checkpoints``); this package builds on the
+runtime and the runtime never imports it.
 """
 
-from .reader import read_checkpoint
 from .writer import convert_checkpoint
 
-__all__ = ["read_checkpoint", "convert_checkpoint"]
+__all__ = ["convert_checkpoint"]

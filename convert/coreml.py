@@ -126,9 +126,9 @@ class _Emitter:
         )
 
     def depthwise(self, x, path: str, m):
-        """vision.DepthwiseConv: groups == in_channels, out_channels a multiple of it."""
+        """vision.depthwise_conv: an nn.Conv2d with groups == in_channels, out_channels a multiple of it."""
         channels = x.shape[1]
-        return self.conv(x, path, _np(m.weight), _np(m.bias), stride=m.stride, groups=channels)
+        return self.conv(x, path, _np(m.weight), _np(m.bias), stride=m.stride[0], groups=channels)
 
     # -- blocks ---------------------------------------------------------------------------------------
 

@@ -15,12 +15,12 @@ from typing import Callable, Dict, Iterator, Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from fastvlm_mlx.checkpoints import read_checkpoint
 from fastvlm_mlx.errors import FastVLMError
 from fastvlm_mlx.loader import build_model
 from fastvlm_mlx.model import FastVLM
 
 from .quantize import quantize
-from .reader import read_checkpoint
 
 # Files a checkpoint carries besides its weights that the runtime (tokenizer, processor) needs.
 SIDE_FILES = (

@@ -5,14 +5,32 @@
     print(generate(model, processor, "Describe the image.", image="photo.jpg"))
 """
 
-from .blas import load_fast_blas
-from .heap import keep_large_buffers
+import sys
 
-BLAS_LIBRARY = load_fast_blas()  # must run before mlx.core is first imported
-keep_large_buffers()  # Linux/glibc: large MLX buffers are reused instead of page-faulted in again
 
+def _linux_cpu_build() -> bool:
+    """Linux without MLX's CUDA backend: the build whose BLAS and malloc ``fastvlm_mlx.cpu`` fixes."""
+    if not sys.platform.startswith("linux"):
+        return False
+    from importlib import metadata
+
+    for name in ("mlx-cuda-13", "mlx-cuda-12", "mlx-cuda"):
+        try:
+            metadata.version(name)
+            return False
+        except metadata.PackageNotFoundError:
+            pass
+    return True
+
+
+BLAS_LIBRARY = None
+if _linux_cpu_build():  # must run before mlx.core is first imported
+    from .cpu import prepare_process
+
+    BLAS_LIBRARY = prepare_process()
+
+from .engine import GenerationResponse, generate, stream_generate  # noqa: E402
 from .errors import FastVLMError  # noqa: E402
-from .generation import GenerationResponse, generate, stream_generate  # noqa: E402
 from .loader import load  # noqa: E402
 
 __all__ = ["load", "generate", "stream_generate", "GenerationResponse", "FastVLMError", "BLAS_LIBRARY"]

@@ -1,10 +1,10 @@
-"""``python -m fastvlm_mlx.generate``: ask FastVLM about an image, streaming the answer to stdout."""
+"""``python -m fastvlm_mlx.generate``: ask FastVLM about one or more images, streaming the answer to stdout."""
 
 import sys
 from typing import List, Optional
 
 from .errors import exit_on_user_error
-from .generation import GenerationResponse, stream_generate
+from .engine import GenerationResponse, stream_generate
 from .processor import DEFAULT_SYSTEM
 
 
@@ -28,7 +28,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     @exit_on_user_error
     def run(
         prompt: str = typer.Option(..., "--prompt", "-p", help="What to ask."),
-        image: Optional[str] = typer.Option(None, "--image", "-i", help="Image file; omit for a text-only chat."),
+        image: Optional[List[str]] = typer.Option(
+            None, "--image", "-i", help="Image file; repeat for several images, omit for a text-only prompt."
+        ),
         model_path: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model directory or Hugging Face repo id."),
         max_tokens: int = typer.Option(256, "--max-tokens", help="Most tokens to generate."),
         temperature: float = typer.Option(0.0, "--temperature", "--temp", help="0 means greedy."),
@@ -49,7 +51,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             model,
             processor,
             prompt,
-            image,
+            image or None,
             system=system or None,
             max_tokens=max_tokens,
             temperature=temperature,

@@ -1,15 +1,18 @@
 """``load(path_or_repo)``: any supported checkpoint -> (FastVLM, FastVLMProcessor).
 
 This project's own format loads directly; Apple, transformers and mlx-vlm
-checkpoints are converted in memory by the ``convert`` package (no torch needed).
+checkpoints are renamed and re-laid-out in memory by ``fastvlm_mlx.checkpoints`` (no torch
+needed).  This is also the one place where a backend's speed path is chosen (``specialize``).
 """
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from .checkpoints import read_checkpoint
 from .errors import FastVLMError
 from .model import FastVLM, ModelConfig
 
@@ -66,14 +69,30 @@ def build_model(config: ModelConfig, weights: Dict[str, mx.array], where: str = 
     return model
 
 
-def load_model(path: Path, dtype: Optional[mx.Dtype] = None) -> FastVLM:
-    from convert.reader import read_checkpoint
+def uses_cpu_layer(dtype: mx.Dtype) -> bool:
+    """Whether a model of this dtype gets the CPU variants of ``fastvlm_mlx.cpu``: float32 on the CPU,
+    unless FASTVLM_MLX_CPU is off.  (MLX's CPU half-precision and quantized matmuls are too slow to
+    be worth tuning; on a GPU MLX's own kernels are the fast path.)"""
+    switch = os.environ.get("FASTVLM_MLX_CPU", "").strip().lower()
+    return mx.default_device() == mx.cpu and dtype == mx.float32 and switch not in ("0", "off", "none", "false", "no")
 
+
+def specialize(model: FastVLM) -> FastVLM:
+    """The one seam for backend speed paths, applied once per loaded model: on the CPU in float32 the
+    modules become their CPU variants (same weights); anywhere else the model stays as it is."""
+    if uses_cpu_layer(model.language_model.model.norm.weight.dtype):
+        from . import cpu
+
+        cpu.install(model)
+    return model
+
+
+def load_model(path: Path, dtype: Optional[mx.Dtype] = None) -> FastVLM:
     config, weights = read_checkpoint(path)
     model = build_model(config, weights, str(path))
     model.set_dtype(dtype or default_dtype())
     mx.eval(model.parameters())
-    return model
+    return specialize(model)
 
 
 VISION_BACKENDS = ("mlx", "coreml")

@@ -1,9 +1,8 @@
 """FastVLM assembled: FastViTHD -> mlp2x_gelu projector -> mlx-lm's Qwen2 decoder.
 
 The decoder is mlx-lm's own ``qwen2.Model`` (its KV cache, generation loop and
-quantization then work unchanged); this module only adds the image path, the
-splice of image embeddings into the prompt, and, on the CPU, faster attention
-and SiLU gate math in the decoder layers (``DecoderAttention``, ``DecoderMLP``).
+quantization then work unchanged); this module only adds the image path and the
+splice of image embeddings into the prompt.
 """
 
 from dataclasses import dataclass, field
@@ -13,7 +12,6 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import qwen2
 
-from .cpu_math import attention, gelu, on_cpu_float32, swiglu
 from .vision import FastViTHD, VisionConfig
 
 # Placeholder id for "image goes here" in token lists, as in Apple's llava code (never a real vocabulary id).
@@ -91,37 +89,7 @@ class Projector(nn.Module):
         self.linear_2 = nn.Linear(hidden_dim, hidden_dim)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.linear_2(gelu(self.linear_1(x)))
-
-
-class DecoderAttention(qwen2.Attention):
-    """mlx-lm's Qwen2 attention (same weights and names).  On the CPU in float32, steps of more than one
-    position (the prefill) use ``cpu_math.attention``, whose softmax is 7x faster than MLX's; one-token
-    decode steps, quantized KV caches, explicit mask arrays and GPUs go to mlx-lm's own code."""
-
-    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
-        b, length, _ = x.shape
-        plain_mask = mask is None or (isinstance(mask, str) and mask == "causal")
-        if length == 1 or not on_cpu_float32(x) or hasattr(cache, "bits") or not plain_mask:
-            return super().__call__(x, mask=mask, cache=cache)
-        q, k, v = (
-            proj(x).reshape(b, length, heads, -1).transpose(0, 2, 1, 3)
-            for proj, heads in ((self.q_proj, self.n_heads), (self.k_proj, self.n_kv_heads), (self.v_proj, self.n_kv_heads))
-        )
-        offset = 0 if cache is None else cache.offset
-        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-        out = attention(q, k, v, self.scale, causal=mask == "causal")
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, length, -1))
-
-
-class DecoderMLP(qwen2.MLP):
-    """mlx-lm's Qwen2 MLP (same weights and names) whose SiLU gate is ``cpu_math.swiglu``: on the CPU
-    that is 7x faster than MLX's scalar sigmoid, which took a quarter of a 300-position prefill."""
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        return self.linear_2(nn.gelu(self.linear_1(x)))
 
 
 class FastVLM(nn.Module):
@@ -132,9 +100,6 @@ class FastVLM(nn.Module):
         text_args = config.text_args()
         self.projector = Projector(config.mm_hidden_size, text_args.hidden_size)
         self.language_model = qwen2.Model(text_args)
-        for layer in self.language_model.layers:  # mlx-lm's layers with the CPU math (see the classes)
-            layer.self_attn = DecoderAttention(text_args)
-            layer.mlp = DecoderMLP(text_args.hidden_size, text_args.intermediate_size)
 
     def encode_image(self, pixels: mx.array) -> mx.array:
         """(B, S, S, 3) pixels in [0, 1] -> (B, (S/64)^2, hidden) embeddings ready for the decoder."""

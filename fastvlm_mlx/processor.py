@@ -1,13 +1,13 @@
 """Prompt and image preparation, as Apple's predict.py does it.
 
-The prompt uses Apple's ``qwen_2`` conversation template with ``<image>\\n`` in
-front of the user text; each ``<image>`` is tokenized as a split point and
-becomes IMAGE_PLACEHOLDER, which the model replaces by the image embeddings
-(Apple's "-200 splice"), so no vocabulary row is ever used for the image.
+Conversations are rendered with Apple's ``qwen_2`` template, ``<image>\\n`` in
+front of a message's text for each of its images; each ``<image>`` is tokenized as
+a split point and becomes IMAGE_PLACEHOLDER, which the model replaces by the image
+embeddings (Apple's "-200 splice"), so no vocabulary row is ever used for the image.
 """
 
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -21,14 +21,73 @@ DEFAULT_SYSTEM = "You are a helpful assistant."
 IM_END = "<|im_end|>"
 
 
-def render_prompt(prompt: str, num_images: int = 1, system: Optional[str] = DEFAULT_SYSTEM) -> str:
-    """One user turn in Apple's qwen_2 template; images go first, each followed by a newline, as Apple places them."""
-    user = IMAGE_TOKEN * num_images + ("\n" if num_images else "") + prompt
-    parts = []
-    if system:
-        parts.append(f"<|im_start|>system\n{system}<|im_end|>\n")
-    parts.append(f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
-    return "".join(parts)
+ROLES = ("system", "user", "assistant")
+
+
+def one_turn(prompt: Optional[str], image=None) -> List[dict]:
+    """``prompt`` + ``image`` (one, a list, or None) as the one user message they stand for."""
+    if prompt is None:
+        raise FastVLMError("no prompt given (pass a prompt, or messages=[...])")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise FastVLMError("the prompt is empty")
+    images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
+    parts = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": prompt}]
+    return [{"role": "user", "content": parts}]
+
+
+def _parts(message: dict, where: str) -> List[dict]:
+    """A message's content as a list of text and image parts, each checked."""
+    content = message.get("content")
+    if isinstance(content, str):
+        content = [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise FastVLMError(f"{where}: content must be a string or a list of parts")
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise FastVLMError(f"{where}, part {j}: a text part needs a string 'text'")
+            if IMAGE_TOKEN in part["text"]:
+                raise FastVLMError(f"{where}, part {j}: the text contains {IMAGE_TOKEN}; pass images as image parts instead")
+        elif kind == "image":
+            if part.get("image") is None:
+                raise FastVLMError(f"{where}, part {j}: an image part needs an 'image' (path, bytes, PIL image or array)")
+        else:
+            raise FastVLMError(f"{where}, part {j}: unknown part type {kind!r} (expected 'text' or 'image')")
+    return content
+
+
+def render_messages(messages: Sequence[dict], system: Optional[str] = DEFAULT_SYSTEM) -> Tuple[str, list]:
+    """Apple's qwen_2 conversation template: (prompt text with one ``<image>`` per image, the images in order).
+
+    Messages are ``{"role": "system" | "user" | "assistant", "content": str | [parts]}`` with parts
+    ``{"type": "text", "text": ...}`` and ``{"type": "image", "image": ...}``.  ``system`` is used when
+    the conversation has no system message of its own (None or "" for none).  Within a message each
+    image becomes ``<image>\n``, in order, followed by the message's text parts; the prompt ends by
+    opening the assistant's turn.
+    """
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise FastVLMError("messages must be a non-empty list")
+    turns, images = [], []
+    for i, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        where = f"message {i} ({role})" if isinstance(role, str) else f"message {i}"
+        if role not in ROLES:
+            raise FastVLMError(f"{where}: role must be one of {', '.join(ROLES)}")
+        parts = _parts(message, where)
+        pictures = [p["image"] for p in parts if p["type"] == "image"]
+        text = "".join(p["text"] for p in parts if p["type"] == "text")
+        if role == "system" and (i > 0 or pictures):
+            raise FastVLMError(f"{where}: a system message must come first and hold only text")
+        if role == "user" and not pictures and not text.strip():
+            raise FastVLMError(f"{where}: the message is empty")
+        images.extend(pictures)
+        turns.append(f"<|im_start|>{role}\n" + f"{IMAGE_TOKEN}\n" * len(pictures) + f"{text}<|im_end|>\n")
+    if messages[-1].get("role") != "user":
+        raise FastVLMError(f"the last message must be the user's (got {messages[-1].get('role')!r})")
+    if system and messages[0].get("role") != "system":
+        turns.insert(0, f"<|im_start|>system\n{system}<|im_end|>\n")
+    return "".join(turns) + "<|im_start|>assistant\n", images
 
 
 class FastVLMProcessor:
@@ -75,19 +134,15 @@ class FastVLMProcessor:
                 ids.extend(self.tokenizer.encode(chunk, add_special_tokens=False, verbose=False))
         return ids
 
-    def prompt_ids(self, prompt: str, num_images: int, num_image_tokens: int, system: Optional[str] = DEFAULT_SYSTEM) -> List[int]:
-        """Render and tokenize one prompt, checking that it (with its image positions) fits the context."""
-        if not prompt or not prompt.strip():
-            raise FastVLMError("the prompt is empty")
-        if IMAGE_TOKEN in prompt:
-            raise FastVLMError(f"the prompt contains {IMAGE_TOKEN}; pass images with the image argument instead")
-        ids = self.encode(render_prompt(prompt, num_images, system))
-        length = len(ids) + num_images * (num_image_tokens - 1)
-        if length >= self.context_length:
+    def render(self, messages: Sequence[dict], system: Optional[str] = DEFAULT_SYSTEM) -> Tuple[str, list]:
+        return render_messages(messages, system)
+
+    def check_length(self, positions: int) -> None:
+        """A prompt of this many positions (image positions included) must leave room to generate."""
+        if positions >= self.context_length:
             raise FastVLMError(
-                f"the prompt is {length} tokens (images included), over the model's context of {self.context_length}"
+                f"the prompt is {positions} tokens (images included), over the model's context of {self.context_length}"
             )
-        return ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode([i for i in ids if i != IMAGE_PLACEHOLDER])

@@ -197,7 +197,7 @@ def test_weight_keys_are_the_swift_modules(bundle):
 
 
 def test_weights_equal_source(bundle):
-    from convert.reader import read_checkpoint
+    from fastvlm_mlx.checkpoints import read_checkpoint
 
     dst, _, _ = bundle
     _, source = read_checkpoint(SRC)
@@ -257,7 +257,7 @@ def test_mlpackage_contract(ct, bundle):
 def test_cli_quantized_bundle_and_refusal(ct, tmp_path, capsys):
     import mlx.core as mx
 
-    from convert.reader import read_checkpoint
+    from fastvlm_mlx.checkpoints import read_checkpoint
 
     dst = tmp_path / "model"
     dst.mkdir()

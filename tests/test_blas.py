@@ -1,4 +1,4 @@
-"""fastvlm_mlx.blas: the optimized BLAS must be the one MLX's matmul actually binds to.
+"""fastvlm_mlx.cpu.blas: the optimized BLAS must be the one MLX's matmul actually binds to.
 
 Each check runs in a fresh interpreter, because the library has to be loaded before mlx.core is imported.
 The binding is checked with the dynamic loader's own report (LD_DEBUG=bindings), not with timings.
@@ -45,7 +45,7 @@ def run_fresh(tmp_path, env_value=None):
     env["LD_DEBUG"] = "bindings"
     env["LD_DEBUG_OUTPUT"] = str(tmp_path / "ld")
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(ROOT / "fastvlm_mlx" / "blas.py")],
+        [sys.executable, "-c", SCRIPT, str(ROOT / "fastvlm_mlx" / "cpu" / "blas.py")],
         env=env, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
@@ -64,7 +64,7 @@ def same_library(loaded, target):
 
 def optimized_library_or_skip():
     # The module alone, by file path: listing candidates neither loads anything nor imports mlx.
-    spec = importlib.util.spec_from_file_location("fastvlm_blas_probe", ROOT / "fastvlm_mlx" / "blas.py")
+    spec = importlib.util.spec_from_file_location("fastvlm_blas_probe", ROOT / "fastvlm_mlx" / "cpu" / "blas.py")
     blas = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(blas)
     found = blas.candidates()
@@ -109,7 +109,7 @@ def test_disabled_loads_nothing(tmp_path, value):
 def run_with_blas_module(script: str) -> str:
     """Run ``script`` in a fresh interpreter (FASTVLM_MLX_BLAS unset) with blas.py's path as argv[1]; its stdout."""
     env = {k: v for k, v in os.environ.items() if k != "FASTVLM_MLX_BLAS"}
-    proc = subprocess.run([sys.executable, "-c", script, str(ROOT / "fastvlm_mlx" / "blas.py")],
+    proc = subprocess.run([sys.executable, "-c", script, str(ROOT / "fastvlm_mlx" / "cpu" / "blas.py")],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip()
@@ -150,7 +150,7 @@ def test_blas_threads_sets_and_restores(tmp_path):
 
 
 def test_blas_threads_is_a_no_op_without_a_loaded_library():
-    spec = importlib.util.spec_from_file_location("fastvlm_blas_none", ROOT / "fastvlm_mlx" / "blas.py")
+    spec = importlib.util.spec_from_file_location("fastvlm_blas_none", ROOT / "fastvlm_mlx" / "cpu" / "blas.py")
     blas = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(blas)
     assert blas.loaded is None and blas._thread_controls() is None

@@ -7,7 +7,7 @@ import pytest
 from conftest import FIXTURES, assert_clean_error, rel_err, run_cli
 
 from convert import convert_checkpoint
-from convert.checkpoint import read_weights
+from fastvlm_mlx.checkpoints import read_weights
 from fastvlm_mlx import FastVLMError, load
 
 

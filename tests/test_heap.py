@@ -1,4 +1,4 @@
-"""fastvlm_mlx.heap: large MLX buffers go back to the heap for reuse instead of being unmapped on free.
+"""fastvlm_mlx.cpu.heap: large MLX buffers go back to the heap for reuse instead of being unmapped on free.
 
 Checked by what the process keeps resident after freeing a 200 MB array (not by timing), in fresh
 interpreters so that the malloc setting of one run does not leak into another.
@@ -30,7 +30,7 @@ a = mx.ones((50_000_000,))
 mx.eval(a)
 during = rss_mb()
 del a
-print(json.dumps({"tuned": fastvlm_mlx.heap.tuned, "released_mb": during - rss_mb()}))
+print(json.dumps({"tuned": fastvlm_mlx.cpu.heap.tuned, "released_mb": during - rss_mb()}))
 """
 
 

@@ -6,7 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from fastvlm_mlx import cpu_math
+from fastvlm_mlx.cpu import kernels as cpu_math
 
 
 def _gelu64(x: np.ndarray) -> np.ndarray:
@@ -70,7 +70,8 @@ def test_decoder_layers_match_mlx_lm_with_a_cached_prefix():
     from mlx_lm.models import qwen2
     from mlx_lm.models.cache import make_prompt_cache
 
-    from fastvlm_mlx.model import DecoderAttention, DecoderMLP
+    from fastvlm_mlx.cpu.decoder import CpuAttention as DecoderAttention
+    from fastvlm_mlx.cpu.decoder import CpuMLP as DecoderMLP
 
     args = qwen2.ModelArgs(model_type="qwen2", hidden_size=64, num_hidden_layers=2, intermediate_size=96,
                            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=50)

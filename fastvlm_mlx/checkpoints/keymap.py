@@ -11,9 +11,9 @@ import re
 from collections import defaultdict
 from typing import Dict, Iterable, List, Optional, Tuple
 
-from fastvlm_mlx.errors import FastVLMError
+from ..errors import FastVLMError
 
-from .checkpoint import APPLE, FASTVLM_MLX, HF, MLXVLM
+from .files import APPLE, FASTVLM_MLX, HF, MLXVLM
 
 DROP = None  # a rule target meaning "known, and not used at run time"
 

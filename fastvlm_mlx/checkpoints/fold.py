@@ -11,7 +11,7 @@ from typing import Dict
 
 import mlx.core as mx
 
-from fastvlm_mlx.errors import FastVLMError
+from ..errors import FastVLMError
 
 BN_EPS = 1e-5
 

@@ -10,7 +10,7 @@ from typing import Dict
 
 import mlx.core as mx
 
-from fastvlm_mlx.errors import FastVLMError
+from ..errors import FastVLMError
 
 APPLE = "apple"  # A: Apple's llava_qwen2 PyTorch checkpoints (apple/FastVLM-*)
 HF = "hf"  # B: transformers fast_vlm

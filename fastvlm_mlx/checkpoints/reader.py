@@ -13,11 +13,11 @@ from typing import Dict, Tuple
 
 import mlx.core as mx
 
-from fastvlm_mlx.errors import FastVLMError
-from fastvlm_mlx.model import ModelConfig
-from fastvlm_mlx.vision import VisionConfig
+from ..errors import FastVLMError
+from ..model import ModelConfig
+from ..vision import VisionConfig
 
-from .checkpoint import APPLE, FASTVLM_MLX, HF, MLXVLM, detect_format, read_config, read_weights
+from .files import APPLE, FASTVLM_MLX, HF, MLXVLM, detect_format, read_config, read_weights
 from .fold import fold_batchnorm, to_mlx_layout
 from .keymap import to_mlx_names
 

@@ -1,0 +1,342 @@
+"""The generation engine: one request in, tokens out, with every step named once.
+
+    messages -> render + tokenize (processor)  -> Prompt (ids with image slots, pixels, image digests)
+    Prompt   -> encode images (ImageFeatureCache in front of the tower, misses in one batched call)
+             -> splice image embeddings into the token embeddings (model.embed_prompt)
+             -> prefill the positions a PromptCache does not already hold, then decode (mlx-lm)
+
+Every front-end (``generate``/``stream_generate`` below, ``ChatSession``, the CLIs) goes through
+``Engine.stream``; the token loop, samplers, KV cache and streaming detokenizer are mlx-lm's.
+"""
+
+import hashlib
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Hashable, Iterator, List, Optional, Sequence
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.generate import GenerationResponse as LMResponse
+from mlx_lm.generate import stream_generate as lm_stream_generate
+from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+from .errors import FastVLMError
+from .model import IMAGE_PLACEHOLDER, FastVLM
+from .processor import DEFAULT_SYSTEM, FastVLMProcessor, one_turn
+
+DEFAULT_IMAGE_CACHE_BYTES = 256 << 20  # ~280 images of the 0.5B model in float32, ~75 of the 7B in float16
+
+
+@dataclass
+class GenerationResponse(LMResponse):
+    """mlx-lm's response plus what a vision-language request adds.
+
+    ``prompt_tokens`` counts every prompt position (image positions included), ``cached_tokens`` those
+    of them that came from the prompt cache; ``vision_ms`` is the image encode (near 0 when every image
+    came from the image-feature cache or the prompt cache); ``ttft_ms`` runs from preprocessed pixels
+    to the first generated token (image file decoding is not in it).
+    """
+
+    vision_ms: float = 0.0
+    ttft_ms: float = 0.0
+    cached_tokens: int = 0
+
+
+@dataclass
+class Sampling:
+    """How one request picks its tokens; the samplers and penalties are mlx-lm's."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: Optional[float] = None
+    repetition_context_size: int = 20
+    seed: Optional[int] = None
+    logits_processors: List[Callable] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.max_tokens < 1:
+            raise FastVLMError(f"max_tokens must be at least 1 (got {self.max_tokens})")
+
+    def sampler(self):
+        return make_sampler(temp=self.temperature, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k)
+
+    def processors(self) -> list:
+        penalties = make_logits_processors(
+            repetition_penalty=self.repetition_penalty, repetition_context_size=self.repetition_context_size
+        )
+        return penalties + list(self.logits_processors)
+
+
+def image_digest(pixels: mx.array) -> str:
+    """Identity of a preprocessed image by its content, so a changed file at the same path is a new image."""
+    data = np.asarray(pixels, dtype=np.float32)
+    digest = hashlib.blake2b(str(data.shape).encode(), digest_size=16)
+    digest.update(np.ascontiguousarray(data).data)
+    return digest.hexdigest()
+
+
+@dataclass
+class Prompt:
+    """A rendered, tokenized prompt: ``ids`` hold one IMAGE_PLACEHOLDER per image, in order."""
+
+    ids: List[int]
+    pixels: List[mx.array]
+    digests: List[str]
+    image_tokens: int  # positions per image
+
+    def __len__(self) -> int:
+        return len(self.ids) + len(self.pixels) * (self.image_tokens - 1)
+
+    def positions(self) -> List[Hashable]:
+        """One key per position: the token id, or (image digest, index) inside an image."""
+        keys: List[Hashable] = []
+        images = iter(self.digests)
+        for t in self.ids:
+            if t == IMAGE_PLACEHOLDER:
+                digest = next(images)
+                keys.extend((digest, j) for j in range(self.image_tokens))
+            else:
+                keys.append(t)
+        return keys
+
+    def image_spans(self) -> List[range]:
+        """The positions each image occupies."""
+        spans, offset = [], 0
+        for t in self.ids:
+            if t == IMAGE_PLACEHOLDER:
+                spans.append(range(offset, offset + self.image_tokens))
+                offset += self.image_tokens
+            else:
+                offset += 1
+        return spans
+
+
+class ImageFeatureCache:
+    """Projected image embeddings by image digest, least recently used first out, bounded in bytes."""
+
+    def __init__(self, max_bytes: int = DEFAULT_IMAGE_CACHE_BYTES):
+        if max_bytes < 0:
+            raise FastVLMError(f"the image cache size must be >= 0 bytes (got {max_bytes})")
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self.hits = self.misses = 0
+        self._entries: "OrderedDict[str, mx.array]" = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, digest: str) -> Optional[mx.array]:
+        found = self._entries.get(digest)
+        if found is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._entries.move_to_end(digest)
+        return found
+
+    def put(self, digest: str, embeds: mx.array) -> None:
+        if embeds.nbytes > self.max_bytes or digest in self._entries:
+            return
+        self._entries[digest] = embeds
+        self.nbytes += embeds.nbytes
+        while self.nbytes > self.max_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self.nbytes -= evicted.nbytes
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.nbytes = 0
+
+
+class PromptCache:
+    """An mlx-lm KV cache together with the positions it holds, so a later prompt that shares a
+    prefix with them prefills only what follows (images compare by content digest)."""
+
+    def __init__(self, model: FastVLM, kv: Optional[list] = None, positions: Sequence[Hashable] = ()):
+        self.kv = kv if kv is not None else make_prompt_cache(model)
+        self.positions: List[Hashable] = list(positions)
+
+    @property
+    def offset(self) -> int:
+        return self.kv[0].offset if self.kv else 0
+
+    def reuse(self, positions: Sequence[Hashable]) -> int:
+        """Keep the longest prefix shared with ``positions`` (at least one position is left to prefill,
+        which gives the first logits) and drop the rest; returns how many positions are kept."""
+        shared = 0
+        for held, wanted in zip(self.positions, positions):
+            if held != wanted:
+                break
+            shared += 1
+        shared = min(shared, len(positions) - 1, self.offset)
+        if shared < self.offset and not self._trim(self.offset - shared):
+            self.kv, self.positions, shared = [type(c)() for c in self.kv], [], 0
+        self.positions = self.positions[:shared]
+        return shared
+
+    def _trim(self, n: int) -> bool:
+        return can_trim_prompt_cache(self.kv) and trim_prompt_cache(self.kv, n) == n
+
+    def record(self, positions: Sequence[Hashable]) -> None:
+        """After a generation: the cache now holds these positions (as many as its offset says)."""
+        self.positions = list(positions)[: self.offset]
+        if len(self.positions) < self.offset:
+            self._trim(self.offset - len(self.positions))
+
+
+class Engine:
+    """Prompt preparation, image encoding with its cache, and decoding, for one loaded model."""
+
+    def __init__(self, model: FastVLM, processor: FastVLMProcessor, image_cache_bytes: int = DEFAULT_IMAGE_CACHE_BYTES):
+        self.model = model
+        self.processor = processor
+        self.image_cache = ImageFeatureCache(image_cache_bytes)
+
+    # ------------------------------------------------------------------ 1. render and tokenize
+    def prepare(self, messages: Sequence[dict], system: Optional[str] = DEFAULT_SYSTEM) -> Prompt:
+        """Render the conversation, tokenize it, preprocess its images and check it fits the context."""
+        text, images = self.processor.render(messages, system)
+        ids = self.processor.encode(text)
+        image_tokens = self.model.config.num_image_tokens
+        self.processor.check_length(len(ids) + len(images) * (image_tokens - 1))
+        pixels = [self.processor.preprocess(image) for image in images]
+        return Prompt(ids, pixels, [image_digest(p) for p in pixels], image_tokens)
+
+    # -------------------------------------------------------------------- 2. encode images
+    def encode_images(self, pixels: Sequence[mx.array], digests: Sequence[str]) -> List[mx.array]:
+        """Projected embeddings (N, hidden) per image: from the cache, the misses in one tower call."""
+        found = {d: self.image_cache.get(d) for d in dict.fromkeys(digests)}
+        missing = [d for d, e in found.items() if e is None]
+        if missing:
+            first = {d: p for d, p in zip(digests, pixels)}
+            batch = mx.concatenate([first[d] for d in missing]).astype(self.model.vision_tower.dtype)
+            embeds = self.model.encode_image(batch)
+            mx.eval(embeds)
+            for i, d in enumerate(missing):
+                found[d] = embeds[i]
+                self.image_cache.put(d, embeds[i])
+        return [found[d] for d in digests]
+
+    # ------------------------------------------------------------------------- 3. splice
+    def embed(self, prompt: Prompt, start: int = 0) -> mx.array:
+        """Input embeddings of positions ``start:``; images wholly before ``start`` are not encoded."""
+        needed = [i for i, span in enumerate(prompt.image_spans()) if span.stop > start]
+        encoded = self.encode_images([prompt.pixels[i] for i in needed], [prompt.digests[i] for i in needed])
+        hidden = self.model.config.text_args().hidden_size
+        filler = mx.zeros((prompt.image_tokens, hidden))  # stands in for an image already in the cache
+        per_image = [filler] * len(prompt.pixels)
+        for i, e in zip(needed, encoded):
+            per_image[i] = e
+        image_embeds = mx.stack(per_image) if per_image else None
+        return self.model.embed_prompt(prompt.ids, image_embeds)[start:]
+
+    # ---------------------------------------------------------------- 4. prefill and decode
+    def stream(
+        self, prompt: Prompt, sampling: Sampling, cache: Optional[PromptCache] = None, **generate_kwargs
+    ) -> Iterator[GenerationResponse]:
+        """Prefill what ``cache`` does not hold and decode through mlx-lm; ``cache`` is updated in place.
+
+        Extra keyword arguments go to mlx-lm's ``generate_step`` (e.g. ``kv_bits``).
+        """
+        positions = prompt.positions()
+        cached = cache.reuse(positions) if cache is not None else 0
+        if sampling.seed is not None:
+            mx.random.seed(sampling.seed)
+        start = time.perf_counter()
+        embeddings = self.embed(prompt, cached)
+        vision_ms = (time.perf_counter() - start) * 1e3
+        # mlx-lm wants token ids beside the embeddings (for repetition penalties); image positions get the pad id.
+        filler = self.processor.tokenizer.pad_token_id or 0
+        tokens = [t if isinstance(t, int) else filler for t in positions[cached:]]
+        generated: List[int] = []
+        ttft_ms = None
+        try:
+            for r in lm_stream_generate(
+                self.model,
+                self.processor.tokenizer,
+                mx.array(tokens),
+                max_tokens=sampling.max_tokens,
+                sampler=sampling.sampler(),
+                logits_processors=sampling.processors(),
+                input_embeddings=embeddings,
+                prompt_cache=cache.kv if cache is not None else None,
+                **generate_kwargs,
+            ):
+                if ttft_ms is None:
+                    ttft_ms = (time.perf_counter() - start) * 1e3
+                generated.append(r.token)
+                yield GenerationResponse(
+                    **dict(asdict(r), prompt_tokens=len(positions)),
+                    vision_ms=vision_ms,
+                    ttft_ms=ttft_ms,
+                    cached_tokens=cached,
+                )
+        finally:  # also when the caller stops early: the cache holds what was fed, and says so
+            if cache is not None:
+                cache.record(positions + generated)
+
+
+def engine_for(model: FastVLM, processor: FastVLMProcessor) -> Engine:
+    """The model's shared engine (and so its image-feature cache), made on first use."""
+    engine = getattr(model, "_fastvlm_engine", None)
+    if engine is None or engine.processor is not processor:
+        engine = Engine(model, processor)
+        model._fastvlm_engine = engine  # a plain attribute: not a parameter, never saved
+    return engine
+
+
+# ------------------------------------------------------------------------- one-shot front-end
+def stream_generate(
+    model: FastVLM,
+    processor: FastVLMProcessor,
+    prompt: Optional[str] = None,
+    image=None,
+    *,
+    messages: Optional[Sequence[dict]] = None,
+    system: Optional[str] = DEFAULT_SYSTEM,
+    max_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: Optional[float] = None,
+    repetition_context_size: int = 20,
+    seed: Optional[int] = None,
+    logits_processors: Optional[list] = None,
+    prompt_cache: Optional[PromptCache] = None,
+    **kwargs,
+) -> Iterator[GenerationResponse]:
+    """Yield text segments as they are generated.
+
+    Either ``prompt`` (one user turn) with ``image`` (one image, a list of images, or None), or
+    ``messages=[{"role": ..., "content": str | [parts]}, ...]`` (see ``FastVLMProcessor.render``).
+    ``prompt_cache`` (a ``PromptCache``) carries a KV cache from one call to the next.  Extra keyword
+    arguments go to mlx-lm's ``generate_step`` (e.g. ``kv_bits``).
+    """
+    if messages is None:
+        messages = one_turn(prompt, image)
+    elif prompt is not None or image is not None:
+        raise FastVLMError("pass either prompt (and image) or messages, not both")
+    sampling = Sampling(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        repetition_context_size=repetition_context_size,
+        seed=seed,
+        logits_processors=list(logits_processors or []),
+    )
+    engine = engine_for(model, processor)
+    yield from engine.stream(engine.prepare(messages, system), sampling, prompt_cache, **kwargs)
+
+
+def generate(model: FastVLM, processor: FastVLMProcessor, prompt: Optional[str] = None, image=None, **kwargs) -> str:
+    """The whole answer as one string; keyword arguments as for ``stream_generate``."""
+    return "".join(r.text for r in stream_generate(model, processor, prompt, image, **kwargs))
