@@ -54,12 +54,16 @@ def build_model(config: ModelConfig, weights: Dict[str, mx.array], where: str = 
     model = FastVLM(config)
     if config.quantization:
         q = config.quantization
-        nn.quantize(
-            model,
-            group_size=q["group_size"],
-            bits=q["bits"],
-            class_predicate=lambda p, m: hasattr(m, "to_quantized") and f"{p}.scales" in weights,
-        )
+
+        def quantized_here(path: str, module: nn.Module):
+            """Layers the checkpoint holds quantized, with their own settings where config.json gives them
+            (mlx-lm and mlx-vlm write per-layer entries keyed by the layer path)."""
+            if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+                return False
+            own = q.get(path)
+            return {k: own[k] for k in ("group_size", "bits", "mode") if k in own} if isinstance(own, dict) else True
+
+        nn.quantize(model, group_size=q["group_size"], bits=q["bits"], mode=q.get("mode", "affine"), class_predicate=quantized_here)
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:

@@ -73,6 +73,24 @@ def test_formats_agree_with_each_other(reference):
         assert rel_err(other, outputs[0]) <= 1e-5
 
 
+def test_quantized_mlx_community_checkpoint(reference):
+    """Format C quantized to 4 bits by mlx-vlm's own convert steps (as mlx-community/FastVLM-0.5B-4bit ships):
+    the decoder and projector load as quantized layers and give mlx-vlm's own first-step logits."""
+    from mlx.nn import QuantizedLinear
+
+    arrays, meta = reference
+    model, processor = load(str(FIXTURES / "format_c_4bit"))
+    assert model.config.mm_hidden_size == meta["mm_hidden_size"]
+    assert isinstance(model.projector.linear_1, QuantizedLinear)
+    assert isinstance(model.language_model.layers[0].mlp.gate_proj, QuantizedLinear)
+    expected = mx.load(str(FIXTURES / "reference_c4bit.safetensors"))["logits_first"]
+    logits = first_logits(model, processor.encode(meta["prompt_text"]), model.encode_image(arrays["pixels"]))
+    assert rel_err(logits[: expected.shape[0]], expected) <= TOL
+    # the vision tower stays in floating point, so its features are the unquantized reference's
+    n = meta["num_image_tokens"]
+    assert rel_err(model.vision_tower(arrays["pixels"]).reshape(1, n, -1), arrays["vision_features"]) <= TOL
+
+
 def test_untied_head_detected_despite_config(reference):
     """Format A's config.json says tie_word_embeddings=true but ships lm_head.weight: the head must be used."""
     assert json.loads((FIXTURES / "format_a" / "config.json").read_text())["tie_word_embeddings"] is True

@@ -9,7 +9,7 @@ tied from the presence of ``lm_head.weight`` alone: Apple warns that the
 import json
 import re
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import mlx.core as mx
 
@@ -118,6 +118,18 @@ def infer_vision_config(weights: Dict[str, mx.array], image_size: int, head_dim:
     )
 
 
+def input_width(weights: Dict[str, mx.array], layer: str, quantization: Optional[dict]) -> int:
+    """A Linear layer's input width; a quantized layer packs 32 // bits weights into each uint32."""
+    weight = weights[f"{layer}.weight"]
+    if f"{layer}.scales" not in weights:
+        return weight.shape[1]
+    own = (quantization or {}).get(layer)
+    bits = (own if isinstance(own, dict) else quantization or {}).get("bits")
+    if not bits:
+        raise FastVLMError(f"{layer} is quantized but config.json has no quantization bits")
+    return weight.shape[1] * 32 // bits
+
+
 def _eos_ids(config: dict, path: Path) -> list:
     ids = []
     sources = [config, config.get("text_config") or {}, _json_or_empty(path / "generation_config.json")]
@@ -150,7 +162,7 @@ def read_checkpoint(path: Path) -> Tuple[ModelConfig, Dict[str, mx.array]]:
         model_config = ModelConfig(
             vision_config=vision,
             text_config=_text_config(fmt, config, weights, path),
-            mm_hidden_size=linear_1.shape[1],
+            mm_hidden_size=input_width(weights, "projector.linear_1", config.get("quantization")),
             eos_token_id=_eos_ids(config, path),
             quantization=config.get("quantization"),
             source_format=fmt,

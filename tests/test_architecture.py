@@ -1,0 +1,115 @@
+"""The layering docs/architecture.md describes: the plain model never touches the CPU layer, the CPU
+layer is chosen once at load, the runtime never imports ``convert``, and every switch is listed once."""
+
+import json
+import re
+import subprocess
+import sys
+
+import mlx.core as mx
+from conftest import FIXTURES, PHOTO, ROOT, rel_err
+
+from fastvlm_mlx import load
+
+CPU_KERNEL_MODULES = ["fastvlm_mlx.cpu.kernels", "fastvlm_mlx.cpu.depthwise", "fastvlm_mlx.cpu.vision", "fastvlm_mlx.cpu.decoder"]
+
+# Loads a model, generates, and reports which modules were imported and which CPU kernels were entered.
+PROBE = r"""
+import json, sys
+import fastvlm_mlx
+from fastvlm_mlx import generate, load
+
+model, processor = load(sys.argv[1])
+text = generate(model, processor, "Describe the image.", image=sys.argv[2], max_tokens=16)
+print(json.dumps({
+    "modules": sorted(m for m in sys.modules if m.startswith(("fastvlm_mlx", "convert"))),
+    "tower": type(model.vision_tower).__name__,
+    "mlp": type(model.language_model.layers[0].mlp).__name__,
+    "text": text,
+}))
+"""
+
+
+def run_probe(**env):
+    import os
+
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, str(FIXTURES / "format_a"), str(PHOTO)],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1", **env), cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_plain_path_never_imports_the_cpu_kernels_and_gives_the_reference(reference):
+    arrays, _ = reference
+    plain = run_probe(FASTVLM_MLX_CPU="0")
+    assert plain["tower"] == "FastViTHD" and plain["mlp"] == "MLP"
+    assert not set(CPU_KERNEL_MODULES) & set(plain["modules"]), plain["modules"]
+    accelerated = run_probe()
+    assert accelerated["tower"] == "CpuFastViTHD" and accelerated["mlp"] == "CpuMLP"
+    assert set(CPU_KERNEL_MODULES) <= set(accelerated["modules"])
+    # both give the transformers reference's greedy answer
+    _, processor = load(str(FIXTURES / "format_a"))
+    expected = processor.tokenizer.decode(arrays["greedy_tokens"].tolist())
+    assert plain["text"] == expected == accelerated["text"]
+
+
+def test_runtime_never_imports_convert():
+    for probe in (run_probe(), run_probe(FASTVLM_MLX_CPU="0")):
+        assert not [m for m in probe["modules"] if m == "convert" or m.startswith("convert.")], probe["modules"]
+    for path in (ROOT / "fastvlm_mlx").rglob("*.py"):
+        if path.name == "convert.py" and path.parent.name == "fastvlm_mlx":
+            continue  # the CLI entry point `python -m fastvlm_mlx.convert`, which no runtime module imports
+        source = path.read_text()
+        assert not re.search(r"^\s*(from|import) convert\b", source, re.M), path
+
+
+def test_plain_and_cpu_paths_agree_in_process(reference, monkeypatch):
+    """The same checkpoint loaded both ways: vision features and prefill logits agree, and the plain
+    model's forward enters no CPU kernel (every kernel the CPU variants call is counted)."""
+    from fastvlm_mlx.cpu import decoder, vision
+
+    calls = []
+    for module, names in ((vision, ("gelu", "attention", "depthwise_conv2d")), (decoder, ("attention", "swiglu"))):
+        for name in names:
+            original = getattr(module, name)
+            monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+
+    arrays, meta = reference
+    monkeypatch.setenv("FASTVLM_MLX_CPU", "0")
+    plain, processor = load(str(FIXTURES / "format_a"))
+    monkeypatch.delenv("FASTVLM_MLX_CPU")
+    fast, _ = load(str(FIXTURES / "format_a"))
+
+    def outputs(model):
+        ids = processor.encode(meta["prompt_text"])
+        embeds = model.embed_prompt(ids, model.encode_image(arrays["pixels"]))
+        logits = model(mx.array([[0] * embeds.shape[0]]), input_embeddings=embeds[None])[0, -1]
+        features = model.vision_tower(arrays["pixels"])
+        mx.eval(logits, features)
+        return features, logits
+
+    plain_out = outputs(plain)
+    assert calls == []
+    fast_out = outputs(fast)
+    assert {"gelu", "attention", "swiglu", "depthwise_conv2d"} <= set(calls)
+    for a, b in zip(plain_out, fast_out):
+        assert rel_err(a, b) <= 1e-5
+
+
+def test_cpu_layer_only_for_float32():
+    model, _ = load(str(FIXTURES / "format_a"), dtype=mx.float16)
+    assert type(model.vision_tower).__name__ == "FastViTHD"
+    assert type(model.language_model.layers[0].self_attn).__name__ == "Attention"
+
+
+def test_every_switch_is_listed_once():
+    from fastvlm_mlx.cpu import SWITCHES
+
+    used = set()
+    for path in list((ROOT / "fastvlm_mlx").rglob("*.py")) + list((ROOT / "convert").rglob("*.py")):
+        used |= set(re.findall(r"FASTVLM_MLX_[A-Z_]+", path.read_text()))
+    assert used == set(SWITCHES), used ^ set(SWITCHES)
+    readme = (ROOT / "README.md").read_text()
+    assert all(name in readme for name in SWITCHES)
