@@ -32,5 +32,6 @@ if _linux_cpu_build():  # must run before mlx.core is first imported
 from .engine import GenerationResponse, generate, stream_generate  # noqa: E402
 from .errors import FastVLMError  # noqa: E402
 from .loader import load  # noqa: E402
+from .session import ChatSession  # noqa: E402
 
-__all__ = ["load", "generate", "stream_generate", "GenerationResponse", "FastVLMError", "BLAS_LIBRARY"]
+__all__ = ["load", "generate", "stream_generate", "ChatSession", "GenerationResponse", "FastVLMError", "BLAS_LIBRARY"]

@@ -144,6 +144,15 @@ class ImageFeatureCache:
             return
         self._entries[digest] = embeds
         self.nbytes += embeds.nbytes
+        self._evict()
+
+    def resize(self, max_bytes: int) -> None:
+        if max_bytes < 0:
+            raise FastVLMError(f"the image cache size must be >= 0 bytes (got {max_bytes})")
+        self.max_bytes = max_bytes
+        self._evict()
+
+    def _evict(self) -> None:
         while self.nbytes > self.max_bytes:
             _, evicted = self._entries.popitem(last=False)
             self.nbytes -= evicted.nbytes
@@ -223,10 +232,15 @@ class Engine:
         return [found[d] for d in digests]
 
     # ------------------------------------------------------------------------- 3. splice
-    def embed(self, prompt: Prompt, start: int = 0) -> mx.array:
-        """Input embeddings of positions ``start:``; images wholly before ``start`` are not encoded."""
+    def embed(self, prompt: Prompt, start: int = 0, encoded: Optional[dict] = None) -> mx.array:
+        """Input embeddings of positions ``start:``; images wholly before ``start`` are not encoded.
+
+        ``encoded`` maps digests to embeddings already computed (several requests encoded together)."""
         needed = [i for i, span in enumerate(prompt.image_spans()) if span.stop > start]
-        encoded = self.encode_images([prompt.pixels[i] for i in needed], [prompt.digests[i] for i in needed])
+        if encoded is not None and all(prompt.digests[i] in encoded for i in needed):
+            encoded = [encoded[prompt.digests[i]] for i in needed]
+        else:
+            encoded = self.encode_images([prompt.pixels[i] for i in needed], [prompt.digests[i] for i in needed])
         hidden = self.model.config.text_args().hidden_size
         filler = mx.zeros((prompt.image_tokens, hidden))  # stands in for an image already in the cache
         per_image = [filler] * len(prompt.pixels)
@@ -281,12 +295,17 @@ class Engine:
                 cache.record(positions + generated)
 
 
-def engine_for(model: FastVLM, processor: FastVLMProcessor) -> Engine:
-    """The model's shared engine (and so its image-feature cache), made on first use."""
+def engine_for(model: FastVLM, processor: FastVLMProcessor, image_cache_bytes: Optional[int] = None) -> Engine:
+    """The model's shared engine (and so its image-feature cache), made on first use.
+
+    ``image_cache_bytes`` bounds the image-feature cache (default 256 MiB; 0 disables it).
+    """
     engine = getattr(model, "_fastvlm_engine", None)
     if engine is None or engine.processor is not processor:
         engine = Engine(model, processor)
         model._fastvlm_engine = engine  # a plain attribute: not a parameter, never saved
+    if image_cache_bytes is not None:
+        engine.image_cache.resize(image_cache_bytes)
     return engine
 
 

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
 FORMATS = ("format_a", "format_b", "format_c")
 PHOTO = FIXTURES / "images" / "photo.png"
+PHOTO2 = FIXTURES / "images" / "photo2.png"
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +57,8 @@ def run_cli(*args, timeout=300, **kwargs):
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
     env.update(kwargs.pop("env", {}))
     return subprocess.run(
-        [sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=kwargs.pop("cwd", ROOT)
+        [sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout, env=env,
+        cwd=kwargs.pop("cwd", ROOT), input=kwargs.pop("input", None),
     )
 
 

@@ -39,3 +39,19 @@ def test_bad_option_is_rejected():
     proc = run_cli("benchmarks.run", "--smoke", "--peers", "nope", timeout=120)
     assert proc.returncode == 2
     assert "unknown peer" in proc.stderr
+
+
+def test_chat_smoke_run_reports_each_turn():
+    proc = run_cli("benchmarks.chat", "--smoke", timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    header, ours = lines[0], lines[1]
+    assert header["benchmark"] == "fastvlm-chat" and ours["system"] == "ours"
+    assert ours["cold"]["cached"] == 0
+    # the follow-up reuses the whole first turn; the new conversation about the same image starts cold
+    assert 0 < ours["follow_up"]["cached"] < ours["follow_up"]["positions"]
+    assert ours["follow_up"]["cached"] > ours["cold"]["positions"] - 1
+    assert ours["seen_image"]["cached"] == 0
+    for turn in ("cold", "follow_up", "seen_image"):
+        assert ours[turn]["ttft_ms"]["min"] > 0
+    assert "ours TTFT / cold" in proc.stderr

@@ -1,0 +1,152 @@
+"""Continuous batching: many requests decoding together, each with its own sampling, for the server
+and the batch captioner.
+
+The engine prepares each request and prefills it (images of requests admitted together go through the
+vision tower in one call), reusing the longest prefix any earlier request left in a prompt cache
+bounded in bytes (mlx-lm's ``LRUPromptCache``, keyed by prompt positions, images by pixel digest).
+The prefilled KV caches then join mlx-lm's ``BatchGenerator``, which decodes them as one batch; a
+finished sequence's cache (prompt and answer) goes back into the prompt cache for the next turn.
+
+Everything here runs on one thread (MLX evaluation is not shared across threads).
+"""
+
+import time
+from dataclasses import dataclass, field
+from typing import Dict, Hashable, List, Optional, Sequence
+
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
+from .engine import Engine, Prompt, Sampling
+
+DEFAULT_PROMPT_CACHE_BYTES = 1 << 30
+
+
+def seeded_sampler(sampling: Sampling):
+    """mlx-lm's sampling chain (top-p, min-p, top-k, temperature) with a random key of the request's own,
+    so a seeded request draws the same tokens alone or in any batch."""
+    if sampling.temperature == 0:
+        return lambda logprobs: mx.argmax(logprobs, axis=-1)
+    state = {"key": mx.random.key(sampling.seed if sampling.seed is not None else time.time_ns() % (1 << 63))}
+
+    def sample(logprobs: mx.array) -> mx.array:
+        if 0 < sampling.top_p < 1.0:
+            logprobs = apply_top_p(logprobs, sampling.top_p)
+        if sampling.min_p:
+            logprobs = apply_min_p(logprobs, sampling.min_p)
+        if sampling.top_k > 0:
+            logprobs = apply_top_k(logprobs, sampling.top_k)
+        state["key"], key = mx.random.split(state["key"])
+        return mx.random.categorical(logprobs * (1 / sampling.temperature), key=key)
+
+    return sample
+
+
+@dataclass
+class Admitted:
+    """What is known about a request once it is prefilled and decoding."""
+
+    uid: int
+    prompt_tokens: int
+    cached_tokens: int
+    vision_ms: float
+    prefill_ms: float
+    positions: List[Hashable] = field(repr=False, default_factory=list)
+
+
+@dataclass
+class Token:
+    uid: int
+    token: int
+    logprobs: mx.array
+    finish_reason: Optional[str]
+
+
+class BatchDecoder:
+    def __init__(self, engine: Engine, max_batch: int = 8, prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
+                 prefill_step: int = 2048):
+        self.engine = engine
+        self.model = engine.model
+        eos = sorted(engine.processor.tokenizer.eos_token_ids)
+        self.generator = BatchGenerator(
+            self.model, stop_tokens=[[t] for t in eos], completion_batch_size=max_batch, prefill_batch_size=max_batch
+        )
+        self.prompt_cache = LRUPromptCache(max_size=1 << 20, max_bytes=prompt_cache_bytes)
+        self.prefill_step = prefill_step
+        self.running: Dict[int, Admitted] = {}
+        self._generated: Dict[int, List[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.running)
+
+    def admit(self, requests: Sequence[tuple]) -> List[Admitted]:
+        """Prefill ``(Prompt, Sampling)`` pairs and add them to the batch; returns one Admitted each."""
+        start = time.perf_counter()
+        pixels, digests = [], []
+        for prompt, _ in requests:
+            pixels += prompt.pixels
+            digests += prompt.digests
+        encoded = dict(zip(digests, self.engine.encode_images(pixels, digests))) if digests else {}
+        vision_ms = (time.perf_counter() - start) * 1e3
+        return [self._admit_one(prompt, sampling, encoded, vision_ms) for prompt, sampling in requests]
+
+    def _admit_one(self, prompt: Prompt, sampling: Sampling, encoded: dict, vision_ms: float) -> Admitted:
+        start = time.perf_counter()
+        positions = prompt.positions()
+        kv, rest = self.prompt_cache.fetch_nearest_cache(self.model, positions)
+        if kv is None:
+            kv, rest = make_prompt_cache(self.model), positions
+        if not rest:  # the whole prompt was cached: recompute its last position for the first logits
+            trim_prompt_cache(kv, 1)
+            rest = positions[-1:]
+        cached = len(positions) - len(rest)
+        embeddings = self.engine.embed(prompt, cached, encoded)
+        for i in range(0, len(rest) - 1, self.prefill_step):  # all but the last position, which the generator takes
+            chunk = embeddings[i : min(i + self.prefill_step, len(rest) - 1)]
+            self.model(mx.zeros((1, chunk.shape[0]), dtype=mx.int32), cache=kv, input_embeddings=chunk[None])
+            mx.eval([c.state for c in kv])
+        last = positions[-1]
+        (uid,) = self.generator.insert(
+            [[last]], max_tokens=[sampling.max_tokens], caches=[kv], samplers=[seeded_sampler(sampling)],
+            logits_processors=[sampling.processors()],
+        )
+        admitted = Admitted(uid, len(positions), cached, vision_ms, (time.perf_counter() - start) * 1e3, positions)
+        self.running[uid] = admitted
+        self._generated[uid] = []
+        return admitted
+
+    def step(self) -> List[Token]:
+        """One decode step of every running sequence (the first token of a new one included)."""
+        if not self.running:
+            return []
+        out = []
+        for r in self.generator.next_generated():
+            if r.uid not in self.running:
+                continue
+            self._generated[r.uid].append(r.token)
+            out.append(Token(r.uid, r.token, r.logprobs, r.finish_reason))
+            if r.finish_reason is not None:
+                self._finish(r.uid, r.prompt_cache)
+        return out
+
+    def cancel(self, uid: int) -> None:
+        """Drop a sequence from the batch now (a client went away, or a stop string matched)."""
+        if uid in self.running:
+            caches = self.generator.remove([uid], return_prompt_caches=True)
+            self._finish(uid, caches.get(uid, (None,))[0])
+
+    def _finish(self, uid: int, kv) -> None:
+        admitted = self.running.pop(uid)
+        key = admitted.positions + self._generated.pop(uid)
+        if kv and can_trim_prompt_cache(kv):
+            extra = kv[0].offset - len(key)
+            if extra > 0:
+                trim_prompt_cache(kv, extra)
+            if kv[0].offset == len(key):
+                self.prompt_cache.insert_cache(self.model, key, kv)
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.prompt_cache.nbytes

@@ -1,0 +1,146 @@
+"""``ChatSession``: a conversation that keeps its KV cache, so a follow-up prefills only its new positions.
+
+    chat = ChatSession(model, processor)
+    print(chat.ask("What is in this photo?", images=["photo.jpg"]))
+    print(chat.ask("And what colour is the car?"))     # the image and the first turn come from the cache
+    chat.save("trip.safetensors")                      # history and KV cache; ChatSession.load(...) resumes
+
+The history (``messages``) is re-rendered every turn and matched position by position against what the
+cache holds (images by the digest of their pixels, so a changed file at the same path is a new image);
+the cache is trimmed to the shared prefix.  Editing ``messages``, or stopping a generation early, is
+therefore always safe.  Everything else (rendering, images, decoding) is the engine's.
+"""
+
+import base64
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Union
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
+
+from .engine import Engine, GenerationResponse, PromptCache, Sampling, engine_for
+from .errors import FastVLMError
+from .model import FastVLM
+from .processor import DEFAULT_SYSTEM, FastVLMProcessor, one_turn
+
+SAVE_FORMAT = "fastvlm_mlx.chat/1"
+
+
+def model_fingerprint(model: FastVLM) -> str:
+    """Which model a KV cache belongs to: the decoder's shapes and dtype and a few of its weights."""
+    lm = model.language_model.model
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(json.dumps([model.config.text_config, model.config.num_image_tokens], sort_keys=True).encode())
+    for weight in (lm.norm.weight, lm.embed_tokens.weight[:4]):
+        digest.update(str(weight.dtype).encode())
+        digest.update(np.asarray(weight.astype(mx.float32) if weight.dtype == mx.bfloat16 else weight).tobytes())
+    return digest.hexdigest()
+
+
+class ChatSession:
+    """A multi-turn conversation with one model; ``messages`` is its history in ``stream_generate``'s format."""
+
+    def __init__(
+        self,
+        model: FastVLM,
+        processor: FastVLMProcessor,
+        system: Optional[str] = DEFAULT_SYSTEM,
+        engine: Optional[Engine] = None,
+    ):
+        self.model, self.processor = model, processor
+        self.engine = engine or engine_for(model, processor)
+        self.system = system
+        self.messages: List[dict] = []
+        self.cache = PromptCache(model)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation (the system message stays)."""
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.cache = PromptCache(self.model)
+
+    def stream(self, text: str, images: Union[None, object, Sequence] = None, **sampling) -> Iterator[GenerationResponse]:
+        """Ask; yields what ``stream_generate`` yields.  The user turn and the answer (as far as it got,
+        if the caller stops early) join ``messages``; a request that fails before generating leaves the
+        history as it was."""
+        turn = one_turn(text, images)[0]
+        prompt = self.engine.prepare(self.messages + [turn], system=None)
+        options = Sampling(**sampling)
+        answer: Optional[list] = None
+        try:
+            for response in self.engine.stream(prompt, options, self.cache):
+                answer = (answer or []) + [response.text]
+                yield response
+        finally:
+            if answer is not None:
+                self.messages += [turn, {"role": "assistant", "content": "".join(answer)}]
+
+    def ask(self, text: str, images=None, **sampling) -> str:
+        """The whole answer as one string."""
+        return "".join(r.text for r in self.stream(text, images, **sampling))
+
+    # --------------------------------------------------------------------------------- on disk
+    def save(self, path: Union[str, Path]) -> None:
+        """Write the history and the KV cache to one safetensors file (mlx-lm's prompt-cache format).
+
+        Images given as paths are stored as paths (read again on the next turn); other images as PNGs
+        of their preprocessed pixels, which preprocess to the very same pixels."""
+        history = [dict(m, content=self._portable(m["content"])) for m in self.messages]
+        meta = {
+            "format": SAVE_FORMAT,
+            "model": model_fingerprint(self.model),
+            "system": self.system,
+            "messages": history,
+            "positions": [p if isinstance(p, int) else list(p) for p in self.cache.positions],
+        }
+        mx.eval([c.state for c in self.cache.kv])
+        try:
+            save_prompt_cache(str(path), self.cache.kv, {"fastvlm_mlx": json.dumps(meta)})
+        except OSError as e:
+            raise FastVLMError(f"{path}: could not write the conversation ({e.strerror or e})") from None
+
+    def _portable(self, content):
+        if isinstance(content, str):
+            return content
+        parts = []
+        for part in content:
+            if part["type"] == "image" and not isinstance(part["image"], (str, Path)):
+                pixels = np.asarray(self.processor.preprocess(part["image"]))[0]
+                png = io.BytesIO()
+                from PIL import Image
+
+                Image.fromarray(np.rint(pixels * 255.0).astype(np.uint8)).save(png, format="PNG")
+                part = {"type": "image", "image_png": base64.b64encode(png.getvalue()).decode()}
+            elif part["type"] == "image":
+                part = {"type": "image", "image": str(part["image"])}
+            parts.append(part)
+        return parts
+
+    @classmethod
+    def load(cls, path: Union[str, Path], model: FastVLM, processor: FastVLMProcessor) -> "ChatSession":
+        """Resume a conversation written by ``save``; refuses a file made with another model."""
+        if not Path(path).is_file():
+            raise FastVLMError(f"{path}: no such file")
+        try:
+            kv, metadata = load_prompt_cache(str(path), return_metadata=True)
+            meta = json.loads(metadata["fastvlm_mlx"])
+        except Exception:  # mlx and the cache loader raise many types for foreign files
+            raise FastVLMError(f"{path}: not a conversation saved by ChatSession.save") from None
+        if meta.get("format") != SAVE_FORMAT:
+            raise FastVLMError(f"{path}: unknown conversation format {meta.get('format')!r}")
+        if meta.get("model") != model_fingerprint(model) or len(kv) != len(model.layers):
+            raise FastVLMError(f"{path}: this conversation was saved with a different model (or dtype); load that model")
+        chat = cls(model, processor, system=meta["system"])
+        chat.messages = [dict(m, content=_restored(m["content"])) for m in meta["messages"]]
+        chat.cache = PromptCache(model, kv, [p if isinstance(p, int) else tuple(p) for p in meta["positions"]])
+        return chat
+
+
+def _restored(content):
+    if isinstance(content, str):
+        return content
+    return [{"type": "image", "image": base64.b64decode(p["image_png"])} if "image_png" in p else p for p in content]
