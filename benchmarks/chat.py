@@ -6,7 +6,8 @@
 
 The conversation, run --reps times:
   cold       a new ChatSession: the image and a 20-token question (nothing cached)
-  follow_up  a 20-token text question in the same conversation (KV cache reused)
+  follow_up  a short text question in the same conversation (KV cache reused; ~30 new positions with
+             the fixture's byte-level tokenizer, template included)
   seen_image a new conversation about the same image (image-feature cache hit)
 Ours goes through the real ``ChatSession`` and engine, with the fixture's tokenizer on a random-weight
 model of the real shape.  mlx-vlm's FastVLM has no prompt or vision-feature cache for this model, so
@@ -28,7 +29,7 @@ MARK = "CHAT_RESULT "
 TURNS = ["cold", "follow_up", "seen_image"]
 ROOT = Path(__file__).resolve().parent.parent
 QUESTION = "Please tell me what the large object in the middle of this picture is made of?"
-FOLLOW_UP = "And which colour does the small object on the left side of it have exactly?"
+FOLLOW_UP = "And its colour?"
 
 
 def _model_config(spec):
@@ -163,11 +164,12 @@ def main(argv=None) -> int:
     for rec in records:
         print(json.dumps(rec), flush=True)
     ours = records[0]
-    head = ["turn", "positions (cached)"] + [f"{r['system']} TTFT / vision ms" for r in records]
+    head = ["turn", "positions (cached, new)"] + [f"{r['system']} TTFT / vision ms" for r in records]
     head += [f"ours/{r['system']} TTFT" for r in records[1:]] + ["ours TTFT / cold"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in TURNS:
-        cells = [t, f"{ours[t]['positions']} ({ours[t]['cached']})"]
+        p, c = ours[t]["positions"], ours[t]["cached"]
+        cells = [t, f"{p} ({c}, {p - c})"]
         cells += [f"{r[t]['ttft_ms']['median']:.0f} / {r[t]['vision_ms']['median']:.0f}" for r in records]
         cells += [f"{ours[t]['ttft_ms']['median'] / r[t]['ttft_ms']['median']:.3f}" for r in records[1:]]
         cells.append(f"{ours[t]['ttft_ms']['median'] / ours['cold']['ttft_ms']['median']:.3f}")

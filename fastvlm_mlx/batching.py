@@ -22,6 +22,7 @@ from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 from .engine import Engine, Prompt, Sampling
 
 DEFAULT_PROMPT_CACHE_BYTES = 1 << 30
+CACHE_KEY = "fastvlm"  # LRUPromptCache keys entries by model; one decoder serves one model
 
 
 def seeded_sampler(sampling: Sampling):
@@ -95,7 +96,7 @@ class BatchDecoder:
     def _admit_one(self, prompt: Prompt, sampling: Sampling, encoded: dict, vision_ms: float) -> Admitted:
         start = time.perf_counter()
         positions = prompt.positions()
-        kv, rest = self.prompt_cache.fetch_nearest_cache(self.model, positions)
+        kv, rest = self.prompt_cache.fetch_nearest_cache(CACHE_KEY, positions)
         if kv is None:
             kv, rest = make_prompt_cache(self.model), positions
         if not rest:  # the whole prompt was cached: recompute its last position for the first logits
@@ -145,7 +146,7 @@ class BatchDecoder:
             if extra > 0:
                 trim_prompt_cache(kv, extra)
             if kv[0].offset == len(key):
-                self.prompt_cache.insert_cache(self.model, key, kv)
+                self.prompt_cache.insert_cache(CACHE_KEY, key, kv)
 
     @property
     def cache_bytes(self) -> int:

@@ -84,7 +84,10 @@ def _open_checked(data: bytes, where: str, cfg: ServerConfig):
         image.load()
     except APIError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:
+        raise APIError(400, f"{where}: image declares more pixels than the limit of {cfg.max_image_pixels} "
+                       "(a possible decompression bomb)", "messages", "image_too_large") from None
+    except UnidentifiedImageError:
         raise APIError(400, f"{where}: not an image PIL can read", "messages", "invalid_image") from None
     except Exception as e:  # truncated and corrupt files raise many types
         raise APIError(400, f"{where}: image is truncated or corrupt ({type(e).__name__})", "messages",
@@ -314,6 +317,7 @@ class GenerationLoop:
         self.decoder = BatchDecoder(engine, cfg.max_batch, cfg.prompt_cache_bytes)
         self.pending: "queue.Queue[Job]" = queue.Queue(maxsize=cfg.max_queue)
         self.jobs = {}  # uid -> (job, state)
+        self.admitting: List[Job] = []
         self.alive = True
         self.thread = threading.Thread(target=self._run, name="fastvlm-generation", daemon=True)
 
@@ -340,7 +344,7 @@ class GenerationLoop:
                     self._deliver(t)
         except BaseException as e:  # the loop must never die silently: /health reports it
             self.alive = False
-            for job, _ in list(self.jobs.values()):
+            for job in self.admitting + [job for job, _ in self.jobs.values()]:
                 self._send(job, APIError(500, f"the generation loop stopped ({type(e).__name__})", kind="server_error"))
             while not self.pending.empty():
                 self._send(self.pending.get_nowait(), APIError(503, "the generation loop stopped", kind="server_error"))
@@ -360,6 +364,7 @@ class GenerationLoop:
         except queue.Empty:
             pass
         ready = []
+        self.admitting = batch
         for job in batch:
             if job.cancelled:
                 continue
@@ -369,12 +374,12 @@ class GenerationLoop:
             except FastVLMError as e:
                 code = "context_length_exceeded" if "context" in str(e) else None
                 self._send(job, APIError(400, str(e), "messages", code))
-        if not ready:
-            return
-        for (job, _, _), admitted in zip(ready, self.decoder.admit([(p, s) for _, p, s in ready])):
-            state = dict(admitted=admitted, detok=self.engine.processor.tokenizer.detokenizer, text="", sent=0,
-                         tokens=0, first=None, logprobs=[])
-            self.jobs[admitted.uid] = (job, state)
+        if ready:
+            for (job, _, _), admitted in zip(ready, self.decoder.admit([(p, s) for _, p, s in ready])):
+                state = dict(admitted=admitted, detok=self.engine.processor.tokenizer.detokenizer, sent=0,
+                             tokens=0, first=None, logprobs=[])
+                self.jobs[admitted.uid] = (job, state)
+        self.admitting = []
 
     def _reap_cancelled(self) -> None:
         for uid, (job, _) in list(self.jobs.items()):
@@ -534,6 +539,8 @@ def create_app(model, processor, cfg: ServerConfig, model_id: str):
             try:
                 return await asyncio.wait_for(job.events.get(), timeout=keepalive or 1.0)
             except asyncio.TimeoutError:
+                if not loop_.alive and job.events.empty():
+                    return APIError(503, "the generation loop stopped", kind="server_error")
                 if await request.is_disconnected():
                     job.cancelled = True
                     return None

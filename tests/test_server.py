@@ -139,7 +139,7 @@ def test_answers_equal_generate(client, local):
     r = ask(client, messages, max_tokens=16, temperature=0)
     assert r.choices[0].message.content == expected and r.choices[0].finish_reason == "length"
     assert r.usage.prompt_tokens == 72 and r.usage.completion_tokens == 16
-    assert r.id.startswith("chatcmpl-") and r.model == "fastvlm" and r.created > 0
+    assert r.id.startswith("chatcmpl-") and r.model == MODEL and r.created > 0  # the served model
     chunks = list(ask(client, messages, max_tokens=16, stream=True, stream_options={"include_usage": True}))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
     assert chunks[-1].usage.completion_tokens == 16
@@ -205,7 +205,9 @@ def test_concurrent_greedy_requests_equal_sequential(client):
 
 def test_each_request_keeps_its_own_sampling_in_a_batch(client):
     settings = [dict(temperature=0.8, seed=1), dict(temperature=1.2, seed=2, top_p=0.9), dict(temperature=0),
-                dict(temperature=1.0, seed=3, top_k=5), dict(temperature=0.7, seed=4, min_p=0.05), dict(temperature=1.5, seed=5)]
+                dict(temperature=1.0, seed=3, extra_body={"top_k": 5}),
+                dict(temperature=0.7, seed=4, extra_body={"min_p": 0.05, "repetition_penalty": 1.1}),
+                dict(temperature=1.5, seed=5)]
     messages = [{"role": "user", "content": "Hello there."}]
     one = lambda s: ask(client, messages, max_tokens=12, **s).choices[0].message.content  # noqa: E731
     alone = [one(s) for s in settings]
@@ -240,7 +242,8 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, client):
         (post(server, {"messages": [{"role": "wizard", "content": "hi"}]}), 400, "role"),
         (post(server, _image_body(b"not an image at all")), 400, "image"),
         (post(server, _image_body(truncated)), 400, "truncated"),
-        (post(server, _image_body(_png_header_only(30000, 30000))), 400, "30000x30000"),
+        (post(server, _image_body(_png_header_only(30000, 30000))), 400, "pixels"),
+        (post(server, _image_body(_png_header_only(8000, 6000))), 400, "8000x6000"),  # under PIL's own bomb limit
         (post(server, _image_body(big)), 400, "limit"),
         (post(server, {"messages": [{"role": "user", "content": "word " * 600}]}), 400, "context"),
         (post(server, dict(good, max_tokens=0)), 400, "max_tokens"),
