@@ -14,7 +14,7 @@ The attention stages, the final conv and the output stay channels-last, as in th
 """
 
 import os
-from functools import lru_cache
+import threading
 from typing import Optional
 
 import mlx.core as mx
@@ -29,9 +29,15 @@ from .kernels import attention, gelu
 _STREAMS_ENV = "FASTVLM_MLX_CPU_STREAMS"
 
 
-@lru_cache(maxsize=None)
+_per_thread = threading.local()
+
+
 def _second_cpu_stream() -> mx.Stream:
-    return mx.new_stream(mx.cpu)
+    """MLX streams belong to the thread that made them, so each thread (the server's generation thread,
+    a batch worker) gets its own second stream."""
+    if not hasattr(_per_thread, "stream"):
+        _per_thread.stream = mx.new_stream(mx.cpu)
+    return _per_thread.stream
 
 
 def two_cpu_streams() -> bool:
