@@ -7,7 +7,7 @@ The checkpoint is written once (default /tmp/fastvlm-bench-0.5B) in mlx-vlm's ow
 mlx-vlm's FastVLM model with its random initialisation, saved by mlx-vlm's ``save_weights``), with the
 test fixture's tokenizer, so both servers load the same file.  Each server runs in its own process on a
 free 127.0.0.1 port; at each concurrency level ``--requests`` chat requests, each with its own 1024 px
-image (a random picture) and question, go out through the ``openai`` client, streamed, so TTFT is
+image (a random picture, new at every level) and question, go out through the ``openai`` client, streamed, so TTFT is
 the time to the first chunk that carries a token (logprobs are requested, since random weights
 often decode to no text).  mlx-vlm sends nothing before text appears, so its TTFT is read from its
 own log (``time_to_first_token``).  mlx-vlm's server process gets the same optimized BLAS through
@@ -106,11 +106,11 @@ def start(system: str, model: Path, max_batch: int):
     raise RuntimeError(f"{system} server did not start in 600 s")
 
 
-def images(n: int, resolution: int):
+def images(n: int, resolution: int, seed: int = 0):
     import numpy as np
     from PIL import Image
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
         png = io.BytesIO()
@@ -158,7 +158,7 @@ def run_level(port, model_name, urls, concurrency, max_tokens, log: Path = None)
     offset = log.stat().st_size if log else 0
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(lambda i: one_request(client, model_name, urls[i], f"Describe picture {i}.", max_tokens),
+        results = list(pool.map(lambda i: one_request(client, model_name, urls[i], f"Describe picture {i} ({concurrency}).", max_tokens),
                                 range(len(urls) - 1)))
     wall = time.perf_counter() - t0
     ttfts = [r[0] for r in results]
@@ -187,7 +187,8 @@ def main(argv=None) -> int:
         model = make_checkpoint(a.checkpoint or Path(f"/tmp/fastvlm-bench-{a.model_size}"), a.model_size)
         resolution = 1024
     levels = [int(c) for c in a.concurrency.split(",")]
-    urls = images(a.requests + 1, resolution)
+    # new pictures and questions at every level, so no level is served from an earlier level's caches
+    urls = {c: images(a.requests + 1, resolution, seed=c) for c in levels}
     print(json.dumps({"benchmark": "fastvlm-server", "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
                       "command": " ".join(["python -m benchmarks.server"] + (argv if argv is not None else sys.argv[1:])),
                       "cpu_count": os.cpu_count(), "checkpoint": str(model)}), flush=True)
@@ -197,7 +198,7 @@ def main(argv=None) -> int:
         try:
             name = str(model)
             log = None if system == "ours" else Path(f"/tmp/fastvlm-bench-{system}.log")
-            records[system] = [dict(system=system, **run_level(port, name, urls, c, a.max_tokens, log)) for c in levels]
+            records[system] = [dict(system=system, **run_level(port, name, urls[c], c, a.max_tokens, log)) for c in levels]
         finally:
             proc.terminate()
             try:

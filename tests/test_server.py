@@ -320,3 +320,54 @@ def test_load_200_requests_bounded_memory(server, client):
     growth = server.rss_mb() - before
     print(f"\n200 requests at concurrency 8: {200 / elapsed:.1f} requests/s, RSS growth {growth:.0f} MB")
     assert growth < 8 + 32 + 200  # image cache 8 MB + prompt cache 32 MB + 200 MB margin (allocator, fragmentation)
+
+
+def test_remote_images_only_when_allowed_and_never_redirected_elsewhere(local):
+    """http(s) image URLs, served here on loopback: fetched with --allow-remote-images, a redirect to another
+    host (127.0.0.2) refused, a file over the size cap refused; without the flag every URL is refused."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    photo = open(PHOTO, "rb").read()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/photo.png":
+                self.send_response(200), self.send_header("Content-Length", str(len(photo))), self.end_headers()
+                self.wfile.write(photo)
+            elif self.path == "/same-host":
+                self.send_response(302), self.send_header("Location", "/photo.png"), self.end_headers()
+            elif self.path == "/other-host":
+                self.send_response(302), self.send_header("Location", f"http://127.0.0.2:{port}/photo.png"), self.end_headers()
+            else:
+                big = b"\0" * (2 << 20)
+                self.send_response(200), self.send_header("Content-Length", str(len(big))), self.end_headers()
+                self.wfile.write(big)
+
+        def log_message(self, *args):
+            pass
+
+    images = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    port = images.server_address[1]
+    threading.Thread(target=images.serve_forever, daemon=True).start()
+    s = Server("--allow-remote-images", "--max-image-mb", "1")
+    plain = Server()
+    try:
+        def body(path):
+            return {"messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": f"http://127.0.0.1:{port}{path}"}},
+                {"type": "text", "text": "Describe the image."}]}], "max_tokens": 6}
+
+        model, processor = local
+        expected = generate(model, processor, "Describe the image.", image=PHOTO, max_tokens=6)
+        for path in ("/photo.png", "/same-host"):
+            r = httpx.post(s.url + "/v1/chat/completions", json=body(path), timeout=120)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["content"] == expected
+        assert_error(httpx.post(s.url + "/v1/chat/completions", json=body("/other-host"), timeout=120), 400, "another host")
+        assert_error(httpx.post(s.url + "/v1/chat/completions", json=body("/big"), timeout=120), 400, "limit")
+        assert_error(httpx.post(plain.url + "/v1/chat/completions", json=body("/photo.png"), timeout=120), 400, "remote")
+    finally:
+        s.stop()
+        plain.stop()
+        images.shutdown()

@@ -1,0 +1,227 @@
+"""``python -m fastvlm_mlx.batch``: caption or question a whole image collection, resumably.
+
+    python -m fastvlm_mlx.batch --model M --input photos/ --output captions.jsonl --prompt "Describe the image."
+
+``--input`` is a directory (searched recursively for image files, sorted), a glob, a text file with one
+path per line, or a JSONL file of ``{"id": ..., "image": PATH, "prompt": ...}`` rows (``prompt`` falls
+back to ``--prompt``).  Images are decoded ahead of the model on a background thread, encoded
+``--batch-size`` at a time in one vision-tower call, and decoded together (``batching.BatchDecoder``,
+the server's batching).  Each finished input appends one JSON line to ``--output`` and flushes it; a
+re-run skips the ids already there (a torn last line is dropped first), so a run stopped at any point
+resumes where it was.  A missing, corrupt or oversized image becomes an ``error`` record and the run
+goes on.  Exit status: 0 when every input has a record without error, 1 otherwise.
+"""
+
+import glob
+import json
+import os
+import queue
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from .errors import FastVLMError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def list_inputs(source: str, prompt: Optional[str]) -> List[dict]:
+    """The work items of ``--input``, each ``{"id", "image", "prompt"}``, in a stable order."""
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        items = [{"id": str(p), "image": str(p)} for p in files]
+    elif path.is_file() and path.suffix.lower() == ".jsonl":
+        items = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                raise FastVLMError(f"{path}:{n}: not valid JSON") from None
+            if not isinstance(row, dict) or not isinstance(row.get("image"), str):
+                raise FastVLMError(f"{path}:{n}: each row needs an 'image' path")
+            items.append({"id": str(row.get("id", row["image"])), "image": row["image"], "prompt": row.get("prompt")})
+    elif path.is_file():
+        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        items = [{"id": line, "image": line} for line in lines]
+    elif any(c in source for c in "*?["):
+        items = [{"id": p, "image": p} for p in sorted(glob.glob(source, recursive=True)) if os.path.isfile(p)]
+    else:
+        raise FastVLMError(f"{source}: no such directory, file or glob")
+    seen = set()
+    for item in items:
+        if item["id"] in seen:
+            raise FastVLMError(f"{source}: id {item['id']!r} appears more than once")
+        seen.add(item["id"])
+        item["prompt"] = item.get("prompt") or prompt
+        if not item["prompt"]:
+            raise FastVLMError(f"{source}: no prompt for {item['id']!r} (pass --prompt)")
+    return items
+
+
+def done_ids(output: Path) -> dict:
+    """Ids already in ``output`` -> whether their record is an error; a torn last line is cut off first."""
+    if not output.exists():
+        return {}
+    data = output.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):  # a line the previous run did not finish writing
+        with open(output, "r+b") as f:
+            f.truncate(end)
+    done = {}
+    for line in data[:end].decode("utf-8", "replace").splitlines():
+        try:
+            record = json.loads(line)
+            done[str(record["id"])] = "error" in record
+        except (ValueError, KeyError, TypeError):
+            continue  # a damaged line: that input is simply done again
+    return done
+
+
+def _decode_ahead(items: List[dict], out: "queue.Queue", stop: threading.Event) -> None:
+    """Decode image files on a background thread (PIL releases the GIL), ahead of the model."""
+    from .image import load_image
+
+    for item in items:
+        if stop.is_set():
+            return
+        try:
+            out.put((item, load_image(item["image"]), None))
+        except FastVLMError as e:
+            out.put((item, None, str(e)))
+    out.put(None)
+
+
+def caption(engine, items: List[dict], sampling: dict, batch_size: int, write) -> None:
+    """Answer every item with batched decoding; ``write(record)`` is called as each one finishes."""
+    from .batching import BatchDecoder
+    from .engine import Sampling
+
+    decoder = BatchDecoder(engine, max_batch=batch_size)
+    tokenizer = engine.processor.tokenizer
+    decoded: "queue.Queue" = queue.Queue(maxsize=4 * batch_size)
+    stop = threading.Event()
+    reader = threading.Thread(target=_decode_ahead, args=(items, decoded, stop), daemon=True)
+    reader.start()
+    running, exhausted = {}, False
+    try:
+        while running or not exhausted:
+            ready = []
+            while not exhausted and len(running) + len(ready) < batch_size:
+                try:
+                    entry = decoded.get(timeout=0.05 if running or ready else None)
+                except queue.Empty:
+                    break
+                if entry is None:
+                    exhausted = True
+                    break
+                item, image, error = entry
+                if error is None:
+                    try:
+                        messages = [{"role": "user", "content": [{"type": "image", "image": image},
+                                                                 {"type": "text", "text": item["prompt"]}]}]
+                        ready.append((item, engine.prepare(messages)))
+                    except FastVLMError as e:
+                        error = str(e)
+                if error is not None:
+                    write({"id": item["id"], "image": item["image"], "prompt": item["prompt"], "error": error})
+            if ready:
+                options = Sampling(**sampling)
+                for (item, prompt), admitted in zip(ready, decoder.admit([(p, options) for _, p in ready])):
+                    running[admitted.uid] = (item, admitted, tokenizer.detokenizer, [])
+            for t in decoder.step():
+                item, admitted, detok, tokens = running[t.uid]
+                if t.token not in tokenizer.eos_token_ids:
+                    detok.add_token(t.token)
+                    tokens.append(t.token)
+                if t.finish_reason is not None:
+                    detok.finalize()
+                    del running[t.uid]
+                    write({"id": item["id"], "image": item["image"], "prompt": item["prompt"], "text": detok.text,
+                           "finish_reason": t.finish_reason, "prompt_tokens": admitted.prompt_tokens,
+                           "generation_tokens": len(tokens)})
+    finally:
+        stop.set()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    import typer
+
+    from .errors import exit_on_user_error
+    from .loader import DEFAULT_MODEL, load
+
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    status = {"code": 0}
+
+    @app.command(help="Caption or question every image of a folder, glob, list or JSONL file into a JSONL file.")
+    @exit_on_user_error
+    def run(
+        model_path: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model directory or Hugging Face repo id."),
+        source: str = typer.Option(..., "--input", "-i", help="Directory, glob, text file of paths, or JSONL file."),
+        output: Path = typer.Option(..., "--output", "-o", help="JSONL file the records are appended to."),
+        prompt: str = typer.Option("Describe the image.", "--prompt", "-p", help="Prompt for inputs without their own."),
+        batch_size: int = typer.Option(8, "--batch-size", help="Images encoded and decoded together."),
+        max_tokens: int = typer.Option(128, "--max-tokens"),
+        temperature: float = typer.Option(0.0, "--temperature", "--temp"),
+        top_p: float = typer.Option(1.0, "--top-p"),
+        seed: Optional[int] = typer.Option(None, "--seed"),
+    ):
+        from tqdm import tqdm
+
+        from .engine import Sampling, engine_for
+
+        sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        Sampling(**sampling)
+        if batch_size < 1:
+            raise FastVLMError(f"--batch-size must be at least 1 (got {batch_size})")
+        items = list_inputs(source, prompt)
+        done = done_ids(output)
+        todo = [item for item in items if item["id"] not in done]
+        failed_before = sum(1 for item in items if done.get(item["id"]))
+        counts = {"done": 0, "failed": 0}
+        start = time.perf_counter()
+        if todo:
+            model, processor = load(model_path)
+            engine = engine_for(model, processor)
+            output.parent.mkdir(parents=True, exist_ok=True)
+            with open(output, "a", encoding="utf-8") as out, tqdm(
+                total=len(todo), unit="img", file=sys.stderr, disable=None, dynamic_ncols=True
+            ) as bar:
+
+                def write(record: dict) -> None:
+                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    out.flush()
+                    counts["failed" if "error" in record else "done"] += 1
+                    bar.update(1)
+                    bar.set_postfix(done=counts["done"], failed=counts["failed"])
+
+                caption(engine, todo, sampling, batch_size, write)
+        elapsed = time.perf_counter() - start
+        failed = failed_before + counts["failed"]
+        print(
+            f"{counts['done']} answered, {counts['failed']} failed, {len(items) - len(todo)} already in {output}; "
+            f"{len(todo) / elapsed if todo and elapsed else 0:.2f} images/s; {failed} input(s) with errors in total",
+            file=sys.stderr,
+        )
+        status["code"] = 1 if failed else 0
+
+    try:
+        app(args=argv, standalone_mode=False)
+    except SystemExit as e:
+        return int(e.code or 0)
+    except Exception as e:  # click's usage errors
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            return 2
+        raise
+    return status["code"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
