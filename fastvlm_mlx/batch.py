@@ -102,7 +102,6 @@ def caption(engine, items: List[dict], sampling: dict, batch_size: int, write) -
     from .engine import Sampling
 
     decoder = BatchDecoder(engine, max_batch=batch_size)
-    tokenizer = engine.processor.tokenizer
     decoded: "queue.Queue" = queue.Queue(maxsize=4 * batch_size)
     stop = threading.Event()
     reader = threading.Thread(target=_decode_ahead, args=(items, decoded, stop), daemon=True)
@@ -132,18 +131,15 @@ def caption(engine, items: List[dict], sampling: dict, batch_size: int, write) -
             if ready:
                 options = Sampling(**sampling)
                 for (item, prompt), admitted in zip(ready, decoder.admit([(p, options) for _, p in ready])):
-                    running[admitted.uid] = (item, admitted, tokenizer.detokenizer, [])
+                    running[admitted.uid] = (item, admitted, [])
             for t in decoder.step():
-                item, admitted, detok, tokens = running[t.uid]
-                if t.token not in tokenizer.eos_token_ids:
-                    detok.add_token(t.token)
-                    tokens.append(t.token)
+                item, admitted, text = running[t.uid]
+                text.append(t.text)
                 if t.finish_reason is not None:
-                    detok.finalize()
                     del running[t.uid]
-                    write({"id": item["id"], "image": item["image"], "prompt": item["prompt"], "text": detok.text,
+                    write({"id": item["id"], "image": item["image"], "prompt": item["prompt"], "text": "".join(text),
                            "finish_reason": t.finish_reason, "prompt_tokens": admitted.prompt_tokens,
-                           "generation_tokens": len(tokens)})
+                           "generation_tokens": t.generation_tokens})
     finally:
         stop.set()
 

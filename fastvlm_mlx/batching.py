@@ -17,32 +17,11 @@ from typing import Dict, Hashable, List, Optional, Sequence
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
 from .engine import Engine, Prompt, Sampling
 
 DEFAULT_PROMPT_CACHE_BYTES = 1 << 30
 CACHE_KEY = "fastvlm"  # LRUPromptCache keys entries by model; one decoder serves one model
-
-
-def seeded_sampler(sampling: Sampling):
-    """mlx-lm's sampling chain (top-p, min-p, top-k, temperature) with a random key of the request's own,
-    so a seeded request draws the same tokens alone or in any batch."""
-    if sampling.temperature == 0:
-        return lambda logprobs: mx.argmax(logprobs, axis=-1)
-    state = {"key": mx.random.key(sampling.seed if sampling.seed is not None else time.time_ns() % (1 << 63))}
-
-    def sample(logprobs: mx.array) -> mx.array:
-        if 0 < sampling.top_p < 1.0:
-            logprobs = apply_top_p(logprobs, sampling.top_p)
-        if sampling.min_p:
-            logprobs = apply_min_p(logprobs, sampling.min_p)
-        if sampling.top_k > 0:
-            logprobs = apply_top_k(logprobs, sampling.top_k)
-        state["key"], key = mx.random.split(state["key"])
-        return mx.random.categorical(logprobs * (1 / sampling.temperature), key=key)
-
-    return sample
 
 
 @dataclass
@@ -53,16 +32,29 @@ class Admitted:
     prompt_tokens: int
     cached_tokens: int
     vision_ms: float
-    prefill_ms: float
     positions: List[Hashable] = field(repr=False, default_factory=list)
 
 
 @dataclass
 class Token:
+    """One decode step of one sequence: ``text`` is the new text it adds (the rest of it when the sequence
+    finishes), ``generation_tokens`` the answer's length so far; an end-of-turn token adds neither."""
+
     uid: int
     token: int
     logprobs: mx.array
+    text: str
+    eos: bool
+    generation_tokens: int
     finish_reason: Optional[str]
+
+
+@dataclass
+class _Sequence:
+    admitted: Admitted
+    detokenizer: object
+    fed: List[int] = field(default_factory=list)  # every token the KV cache took, end-of-turn ones included
+    answer_tokens: int = 0
 
 
 class BatchDecoder:
@@ -70,14 +62,14 @@ class BatchDecoder:
                  prefill_step: int = 2048):
         self.engine = engine
         self.model = engine.model
-        eos = sorted(engine.processor.tokenizer.eos_token_ids)
+        self.tokenizer = engine.processor.tokenizer
+        eos = sorted(self.tokenizer.eos_token_ids)
         self.generator = BatchGenerator(
             self.model, stop_tokens=[[t] for t in eos], completion_batch_size=max_batch, prefill_batch_size=max_batch
         )
         self.prompt_cache = LRUPromptCache(max_size=1 << 20, max_bytes=prompt_cache_bytes)
         self.prefill_step = prefill_step
-        self.running: Dict[int, Admitted] = {}
-        self._generated: Dict[int, List[int]] = {}
+        self.running: Dict[int, _Sequence] = {}
 
     def __len__(self) -> int:
         return len(self.running)
@@ -94,7 +86,6 @@ class BatchDecoder:
         return [self._admit_one(prompt, sampling, encoded, vision_ms) for prompt, sampling in requests]
 
     def _admit_one(self, prompt: Prompt, sampling: Sampling, encoded: dict, vision_ms: float) -> Admitted:
-        start = time.perf_counter()
         positions = prompt.positions()
         kv, rest = self.prompt_cache.fetch_nearest_cache(CACHE_KEY, positions)
         if kv is None:
@@ -110,12 +101,11 @@ class BatchDecoder:
             mx.eval([c.state for c in kv])
         last = positions[-1]
         (uid,) = self.generator.insert(
-            [[last]], max_tokens=[sampling.max_tokens], caches=[kv], samplers=[seeded_sampler(sampling)],
+            [[last]], max_tokens=[sampling.max_tokens], caches=[kv], samplers=[sampling.sampler()],
             logits_processors=[sampling.processors()],
         )
-        admitted = Admitted(uid, len(positions), cached, vision_ms, (time.perf_counter() - start) * 1e3, positions)
-        self.running[uid] = admitted
-        self._generated[uid] = []
+        admitted = Admitted(uid, len(positions), cached, vision_ms, positions)
+        self.running[uid] = _Sequence(admitted, self.tokenizer.detokenizer)
         return admitted
 
     def step(self) -> List[Token]:
@@ -124,10 +114,18 @@ class BatchDecoder:
             return []
         out = []
         for r in self.generator.next_generated():
-            if r.uid not in self.running:
+            seq = self.running.get(r.uid)
+            if seq is None:
                 continue
-            self._generated[r.uid].append(r.token)
-            out.append(Token(r.uid, r.token, r.logprobs, r.finish_reason))
+            seq.fed.append(r.token)
+            eos = r.token in self.tokenizer.eos_token_ids
+            if not eos:
+                seq.detokenizer.add_token(r.token)
+                seq.answer_tokens += 1
+            if r.finish_reason is not None:
+                seq.detokenizer.finalize()
+            text = seq.detokenizer.last_segment
+            out.append(Token(r.uid, r.token, r.logprobs, text, eos, seq.answer_tokens, r.finish_reason))
             if r.finish_reason is not None:
                 self._finish(r.uid, r.prompt_cache)
         return out
@@ -139,8 +137,8 @@ class BatchDecoder:
             self._finish(uid, caches.get(uid, (None,))[0])
 
     def _finish(self, uid: int, kv) -> None:
-        admitted = self.running.pop(uid)
-        key = admitted.positions + self._generated.pop(uid)
+        seq = self.running.pop(uid)
+        key = seq.admitted.positions + seq.fed
         if kv and can_trim_prompt_cache(kv):
             extra = kv[0].offset - len(key)
             if extra > 0:

@@ -20,7 +20,7 @@ import numpy as np
 from mlx_lm.generate import GenerationResponse as LMResponse
 from mlx_lm.generate import stream_generate as lm_stream_generate
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
 
 from .errors import FastVLMError
 from .model import IMAGE_PLACEHOLDER, FastVLM
@@ -63,7 +63,24 @@ class Sampling:
             raise FastVLMError(f"max_tokens must be at least 1 (got {self.max_tokens})")
 
     def sampler(self):
-        return make_sampler(temp=self.temperature, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k)
+        """mlx-lm's sampling chain (top-p, min-p, top-k, temperature) drawing from a random key of this
+        request's own, so a seed gives the same tokens in every front-end, alone or in any batch, and
+        the global random state is left alone."""
+        if self.temperature == 0:
+            return lambda logprobs: mx.argmax(logprobs, axis=-1)
+        state = {"key": mx.random.key(self.seed if self.seed is not None else time.time_ns() % (1 << 63))}
+
+        def sample(logprobs: mx.array) -> mx.array:
+            if 0 < self.top_p < 1.0:
+                logprobs = apply_top_p(logprobs, self.top_p)
+            if self.min_p:
+                logprobs = apply_min_p(logprobs, self.min_p)
+            if self.top_k > 0:
+                logprobs = apply_top_k(logprobs, self.top_k)
+            state["key"], key = mx.random.split(state["key"])
+            return mx.random.categorical(logprobs * (1 / self.temperature), key=key)
+
+        return sample
 
     def processors(self) -> list:
         penalties = make_logits_processors(
@@ -120,12 +137,10 @@ class ImageFeatureCache:
     """Projected image embeddings by image digest, least recently used first out, bounded in bytes."""
 
     def __init__(self, max_bytes: int = DEFAULT_IMAGE_CACHE_BYTES):
-        if max_bytes < 0:
-            raise FastVLMError(f"the image cache size must be >= 0 bytes (got {max_bytes})")
-        self.max_bytes = max_bytes
         self.nbytes = 0
         self.hits = self.misses = 0
         self._entries: "OrderedDict[str, mx.array]" = OrderedDict()
+        self.resize(max_bytes)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -259,8 +274,6 @@ class Engine:
         """
         positions = prompt.positions()
         cached = cache.reuse(positions) if cache is not None else 0
-        if sampling.seed is not None:
-            mx.random.seed(sampling.seed)
         start = time.perf_counter()
         embeddings = self.embed(prompt, cached)
         vision_ms = (time.perf_counter() - start) * 1e3

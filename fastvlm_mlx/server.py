@@ -376,8 +376,7 @@ class GenerationLoop:
                 self._send(job, APIError(400, str(e), "messages", code))
         if ready:
             for (job, _, _), admitted in zip(ready, self.decoder.admit([(p, s) for _, p, s in ready])):
-                state = dict(admitted=admitted, detok=self.engine.processor.tokenizer.detokenizer, sent=0,
-                             tokens=0, first=None, logprobs=[])
+                state = dict(admitted=admitted, text="", sent=0, first=None, logprobs=[])
                 self.jobs[admitted.uid] = (job, state)
         self.admitting = []
 
@@ -398,15 +397,10 @@ class GenerationLoop:
             st["first"] = time.perf_counter()
             self.metrics.observe("ttft_seconds", st["first"] - job.created)
         finish = t.finish_reason
-        eos = t.token in self.engine.processor.tokenizer.eos_token_ids
-        if not eos:
-            st["tokens"] += 1
-            st["detok"].add_token(t.token)
-            if request.logprobs:
-                st["logprobs"].append(self._logprob_entry(t, request.top_logprobs))
-        if finish is not None:
-            st["detok"].finalize()
-        text = st["detok"].text
+        if request.logprobs and not t.eos:
+            st["logprobs"].append(self._logprob_entry(t, request.top_logprobs))
+        st["text"] += t.text
+        text = st["text"]
         # stop strings: cut at the first match; hold back a tail that could still become one
         cut = min((i for i in (text.find(s) for s in request.stop) if i >= 0), default=-1)
         if cut >= 0:
@@ -422,10 +416,10 @@ class GenerationLoop:
                 self.decoder.cancel(t.uid)
             self.jobs.pop(t.uid)
             a = st["admitted"]
-            self.metrics.add_tokens(a.prompt_tokens, a.cached_tokens, st["tokens"])
+            self.metrics.add_tokens(a.prompt_tokens, a.cached_tokens, t.generation_tokens)
             self._send(job, {"finish_reason": "length" if finish == "length" else "stop",
-                             "usage": dict(prompt_tokens=a.prompt_tokens, completion_tokens=st["tokens"],
-                                           total_tokens=a.prompt_tokens + st["tokens"],
+                             "usage": dict(prompt_tokens=a.prompt_tokens, completion_tokens=t.generation_tokens,
+                                           total_tokens=a.prompt_tokens + t.generation_tokens,
                                            prompt_tokens_details={"cached_tokens": a.cached_tokens})})
 
     def _logprob_entry(self, t, top: int) -> dict:
