@@ -5,7 +5,6 @@ checkpoints are renamed and re-laid-out in memory by ``fastvlm_mlx.checkpoints``
 needed).  This is also the one place where a backend's speed path is chosen (``specialize``).
 """
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
@@ -77,17 +76,20 @@ def uses_cpu_layer(dtype: mx.Dtype) -> bool:
     """Whether a model of this dtype gets the CPU variants of ``fastvlm_mlx.cpu``: float32 on the CPU,
     unless FASTVLM_MLX_CPU is off.  (MLX's CPU half-precision and quantized matmuls are too slow to
     be worth tuning; on a GPU MLX's own kernels are the fast path.)"""
-    switch = os.environ.get("FASTVLM_MLX_CPU", "").strip().lower()
-    return mx.default_device() == mx.cpu and dtype == mx.float32 and switch not in ("0", "off", "none", "false", "no")
+    if mx.default_device() != mx.cpu or dtype != mx.float32:
+        return False
+    from . import cpu
+
+    return cpu.enabled()
 
 
 def specialize(model: FastVLM) -> FastVLM:
     """The one seam for backend speed paths, applied once per loaded model: on the CPU in float32 the
     modules become their CPU variants (same weights); anywhere else the model stays as it is."""
     if uses_cpu_layer(model.language_model.model.norm.weight.dtype):
-        from . import cpu
+        from .cpu import install
 
-        cpu.install(model)
+        install(model)
     return model
 
 
