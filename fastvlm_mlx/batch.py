@@ -144,9 +144,107 @@ def caption(engine, items: List[dict], sampling: dict, batch_size: int, write) -
         stop.set()
 
 
+def _caption_all(model_path, source, output, prompt, sampling, batch_size, loaded=None, cluster=None) -> int:
+    """The whole run of one process, or of one data-parallel rank (``cluster``): list the inputs, skip
+    those already answered, caption the rest, summarize; returns the exit status."""
+    from tqdm import tqdm
+
+    from .engine import engine_for
+    from .loader import load
+
+    items = list_inputs(source, prompt)
+    if cluster is None:
+        done, target, mine = done_ids(output), output, items
+    else:  # what rank 0's output holds and this rank's part file adds; this rank's share of the inputs
+        check_same_inputs(items, cluster)
+        done = cluster.share(done_ids(output) if cluster.leader else None)
+        target, mine = part_path(output, cluster), items[cluster.rank :: cluster.size]
+        done.update(done_ids(target))
+    todo = [item for item in mine if item["id"] not in done]
+    counts = [0, 0, len(mine) - len(todo)]  # answered, failed, already done
+    start = time.perf_counter()
+    if todo:
+        model, processor = loaded or load(model_path)
+        start = time.perf_counter()  # images/s is for captioning, not for loading the model
+        target.parent.mkdir(parents=True, exist_ok=True)
+        quiet = cluster is not None and not cluster.leader  # one progress bar: rank 0's share
+        with open(target, "a", encoding="utf-8") as out, tqdm(
+            total=len(todo), unit="img", file=sys.stderr, dynamic_ncols=True, disable=True if quiet else None
+        ) as bar:
+
+            def write(record: dict) -> None:
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                out.flush()
+                counts[1 if "error" in record else 0] += 1
+                bar.update(1)
+                bar.set_postfix(done=counts[0], failed=counts[1])
+
+            caption(engine_for(model, processor), todo, sampling, batch_size, write)
+    if cluster is not None:
+        merge_parts(output, target, items, cluster)
+        counts = cluster.sum_counts(counts)
+    elapsed = time.perf_counter() - start
+    failed = None
+    if cluster is None or cluster.leader:
+        finished = done_ids(output)
+        failed = sum(1 for item in items if finished.get(item["id"], True))
+        ranks = "" if cluster is None else f" (merged from {cluster.size} ranks)"
+        print(
+            f"{counts[0]} answered, {counts[1]} failed, {counts[2]} already in {output}{ranks}; "
+            f"{(counts[0] + counts[1]) / elapsed if elapsed and counts[0] + counts[1] else 0:.2f} images/s; "
+            f"{failed} input(s) with errors in total",
+            file=sys.stderr,
+        )
+    if cluster is not None:
+        failed = cluster.share(failed)
+    return 1 if failed else 0
+
+
+def check_same_inputs(items: List[dict], cluster) -> None:
+    """Data parallel: every rank must list the very same inputs, or the shares would overlap or miss some."""
+    import hashlib
+
+    digest = hashlib.blake2b("\n".join(item["id"] for item in items).encode(), digest_size=16).hexdigest()
+    expected = cluster.share(digest if cluster.leader else None)
+    mismatch = cluster.sum_counts([int(digest != expected)])[0]
+    if mismatch:
+        raise FastVLMError(f"--input lists different files on {mismatch} rank(s) than on rank 0 "
+                           "(every rank must see the same inputs at the same paths)")
+
+
+def part_path(output: Path, cluster) -> Path:
+    """Where one data-parallel rank appends its own records until rank 0 merges them."""
+    return output.with_name(f"{output.name}.rank{cluster.rank}-of-{cluster.size}")
+
+
+def merge_parts(output: Path, part: Path, items: List[dict], cluster) -> None:
+    """Data parallel: every rank's part file to rank 0 over the group (the ranks may not share a disk),
+    which rewrites ``output`` in input order, atomically; then each rank drops its part."""
+    mine = part.read_bytes() if part.exists() else b""
+    mine = mine[: mine.rfind(b"\n") + 1]
+    gathered = cluster.gather_bytes(mine)
+    if cluster.leader:
+        records = {}
+        for chunk in [output.read_bytes() if output.exists() else b""] + gathered:
+            for line in chunk.decode("utf-8", "replace").splitlines():
+                try:
+                    record = json.loads(line)
+                    records[str(record["id"])] = line
+                except (ValueError, KeyError, TypeError):
+                    continue
+        order = {item["id"]: n for n, item in enumerate(items)}
+        ids = sorted(records, key=lambda i: (i in order, order.get(i, 0)))  # ids of other inputs first, as they were
+        tmp = output.with_name(output.name + ".merging")
+        tmp.write_text("".join(records[i] + "\n" for i in ids), encoding="utf-8")
+        os.replace(tmp, output)
+    cluster.barrier()  # the merged file is in place before any part goes
+    part.unlink(missing_ok=True)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     import typer
 
+    from . import distributed
     from .errors import exit_on_user_error
     from .loader import DEFAULT_MODEL, load
 
@@ -165,45 +263,32 @@ def main(argv: Optional[List[str]] = None) -> int:
         temperature: float = typer.Option(0.0, "--temperature", "--temp"),
         top_p: float = typer.Option(1.0, "--top-p"),
         seed: Optional[int] = typer.Option(None, "--seed"),
+        parallel: str = typer.Option(
+            "data", "--parallel",
+            help="Under mlx.launch: 'data' (each rank answers its share of the inputs with the whole model), "
+                 "or split the decoder: 'tensor' or 'pipeline'. Ignored in a single process.",
+        ),
+        connect_timeout: float = typer.Option(distributed.DEFAULT_CONNECT_TIMEOUT, "--connect-timeout",
+                                              help=distributed.CONNECT_HELP),
     ):
-        from tqdm import tqdm
-
         from .engine import Sampling, engine_for
 
         sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
         Sampling(**sampling)
         if batch_size < 1:
             raise FastVLMError(f"--batch-size must be at least 1 (got {batch_size})")
-        items = list_inputs(source, prompt)
-        done = done_ids(output)
-        todo = [item for item in items if item["id"] not in done]
-        failed_before = sum(1 for item in items if done.get(item["id"]))
-        counts = {"done": 0, "failed": 0}
-        start = time.perf_counter()
-        if todo:
-            model, processor = load(model_path)
-            engine = engine_for(model, processor)
-            output.parent.mkdir(parents=True, exist_ok=True)
-            with open(output, "a", encoding="utf-8") as out, tqdm(
-                total=len(todo), unit="img", file=sys.stderr, disable=None, dynamic_ncols=True
-            ) as bar:
-
-                def write(record: dict) -> None:
-                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
-                    out.flush()
-                    counts["failed" if "error" in record else "done"] += 1
-                    bar.update(1)
-                    bar.set_postfix(done=counts["done"], failed=counts["failed"])
-
-                caption(engine, todo, sampling, batch_size, write)
-        elapsed = time.perf_counter() - start
-        failed = failed_before + counts["failed"]
-        print(
-            f"{counts['done']} answered, {counts['failed']} failed, {len(items) - len(todo)} already in {output}; "
-            f"{len(todo) / elapsed if todo and elapsed else 0:.2f} images/s; {failed} input(s) with errors in total",
-            file=sys.stderr,
-        )
-        status["code"] = 1 if failed else 0
+        cluster = distributed.start(parallel, connect_timeout, allowed=("data",) + distributed.MODEL_PARALLEL)
+        if cluster is not None and cluster.splits_model:
+            model, processor = load(model_path, cluster=cluster)
+            if not distributed.follow_or_lead(cluster, engine_for(model, processor)):
+                return  # a follower rank: rank 0 reads the inputs and writes the output
+            with distributed.leading(cluster):
+                status["code"] = _caption_all(model_path, source, output, prompt, sampling, batch_size, (model, processor))
+            return
+        if cluster is None:
+            status["code"] = _caption_all(model_path, source, output, prompt, sampling, batch_size)
+            return
+        status["code"] = _caption_all(model_path, source, output, prompt, sampling, batch_size, cluster=cluster)
 
     try:
         app(args=argv, standalone_mode=False)

@@ -63,6 +63,13 @@ class BatchDecoder:
         self.engine = engine
         self.model = engine.model
         self.tokenizer = engine.processor.tokenizer
+        self.cluster = engine.cluster
+        if self.cluster is not None:  # followers build the same decoder
+            self.cluster.announce("decoder", max_batch=max_batch, prompt_cache_bytes=prompt_cache_bytes,
+                                  prefill_step=prefill_step)
+            # a pipeline stage holds some of the layers: scale the budget so every rank evicts the same entries
+            prompt_cache_bytes = prompt_cache_bytes * len(self.model.language_model.layers) // \
+                self.model.config.text_args().num_hidden_layers
         eos = sorted(self.tokenizer.eos_token_ids)
         self.generator = BatchGenerator(
             self.model, stop_tokens=[[t] for t in eos], completion_batch_size=max_batch, prefill_batch_size=max_batch
@@ -76,6 +83,8 @@ class BatchDecoder:
 
     def admit(self, requests: Sequence[tuple]) -> List[Admitted]:
         """Prefill ``(Prompt, Sampling)`` pairs and add them to the batch; returns one Admitted each."""
+        if self.cluster is not None:
+            self.cluster.announce("admit", requests=[(p.shareable(), s.shareable()) for p, s in requests])
         start = time.perf_counter()
         pixels, digests = [], []
         for prompt, _ in requests:
@@ -111,7 +120,11 @@ class BatchDecoder:
     def step(self) -> List[Token]:
         """One decode step of every running sequence (the first token of a new one included)."""
         if not self.running:
+            if self.cluster is not None:
+                self.cluster.announce("idle")
             return []
+        if self.cluster is not None:
+            self.cluster.announce("step")
         out = []
         for r in self.generator.next_generated():
             seq = self.running.get(r.uid)
@@ -133,6 +146,8 @@ class BatchDecoder:
     def cancel(self, uid: int) -> None:
         """Drop a sequence from the batch now (a client went away, or a stop string matched)."""
         if uid in self.running:
+            if self.cluster is not None:
+                self.cluster.announce("cancel", uid=uid)
             caches = self.generator.remove([uid], return_prompt_caches=True)
             self._finish(uid, caches.get(uid, (None,))[0])
 

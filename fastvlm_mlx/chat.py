@@ -9,6 +9,7 @@ line of output.  A bad command or input prints one ``error: ...`` line and the c
 import sys
 from typing import List, Optional
 
+from . import distributed
 from .errors import FastVLMError
 from .processor import DEFAULT_SYSTEM
 
@@ -106,32 +107,43 @@ def main(argv: Optional[List[str]] = None) -> int:
         seed: Optional[int] = typer.Option(None, "--seed"),
         image_cache_mb: int = typer.Option(256, "--image-cache-mb", help="Image-feature cache size (0 disables)."),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="Per turn: TTFT, vision time, cached and new positions."),
+        parallel: str = typer.Option("tensor", "--parallel", help=distributed.PARALLEL_HELP),
+        connect_timeout: float = typer.Option(distributed.DEFAULT_CONNECT_TIMEOUT, "--connect-timeout",
+                                              help=distributed.CONNECT_HELP),
     ):
         from .engine import Sampling, engine_for
         from .session import ChatSession
 
         sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
         Sampling(**sampling)  # bad options fail before the model is loaded
-        model, processor = load(model_path)
+        cluster = distributed.start(parallel, connect_timeout)
+        model, processor = load(model_path, cluster=cluster)
         engine = engine_for(model, processor, image_cache_bytes=image_cache_mb << 20)
-        repl = ChatREPL(ChatSession(model, processor, system=system or None, engine=engine), sampling, verbose)
-        for path in image or []:
-            repl.handle(f"/image {path}")
-        interactive = sys.stdin.isatty()
-        if interactive:
-            print(f"fastvlm-mlx chat ({HELP})", file=sys.stderr)
-        while True:
-            try:
-                line = input(">> ") if interactive else sys.stdin.readline()
-            except (EOFError, KeyboardInterrupt):
-                break
-            if not interactive and not line:
-                break
-            if not repl.handle(line):
-                break
+        if not distributed.follow_or_lead(cluster, engine):
+            return  # a follower rank: rank 0 reads the input and prints
+        with distributed.leading(cluster):
+            repl = ChatREPL(ChatSession(model, processor, system=system or None, engine=engine), sampling, verbose)
+            for path in image or []:
+                repl.handle(f"/image {path}")
+            _converse(repl)
 
     app(args=argv)
     return 0
+
+
+def _converse(repl: ChatREPL) -> None:
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"fastvlm-mlx chat ({HELP})", file=sys.stderr)
+    while True:
+        try:
+            line = input(">> ") if interactive else sys.stdin.readline()
+        except (EOFError, KeyboardInterrupt):
+            break
+        if not interactive and not line:
+            break
+        if not repl.handle(line):
+            break
 
 
 if __name__ == "__main__":

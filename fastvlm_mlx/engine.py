@@ -10,6 +10,7 @@ Every front-end (``generate``/``stream_generate`` below, ``ChatSession``, the CL
 """
 
 import hashlib
+import itertools
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -82,6 +83,15 @@ class Sampling:
 
         return sample
 
+    def shareable(self) -> dict:
+        """The fields another rank needs to draw the same tokens (model-parallel decoding); a request
+        without a seed gets one here, since ranks drawing from different keys would part ways."""
+        if self.logits_processors:
+            raise FastVLMError("custom logits processors cannot be used with a decoder split over several ranks")
+        if self.seed is None:
+            self.seed = time.time_ns() % (1 << 63)
+        return {k: v for k, v in asdict(self).items() if k != "logits_processors"}
+
     def processors(self) -> list:
         penalties = make_logits_processors(
             repetition_penalty=self.repetition_penalty, repetition_context_size=self.repetition_context_size
@@ -120,6 +130,10 @@ class Prompt:
             else:
                 keys.append(t)
         return keys
+
+    def shareable(self) -> dict:
+        """What a follower rank needs of the prompt: the ids and the image identities, not the pixels."""
+        return {"ids": self.ids, "digests": self.digests, "image_tokens": self.image_tokens}
 
     def image_spans(self) -> List[range]:
         """The positions each image occupies."""
@@ -181,7 +195,10 @@ class PromptCache:
     """An mlx-lm KV cache together with the positions it holds, so a later prompt that shares a
     prefix with them prefills only what follows (images compare by content digest)."""
 
+    _keys = itertools.count()
+
     def __init__(self, model: FastVLM, kv: Optional[list] = None, positions: Sequence[Hashable] = ()):
+        self.key = next(self._keys)  # names this cache's counterpart on follower ranks
         self.kv = kv if kv is not None else make_prompt_cache(model)
         self.positions: List[Hashable] = list(positions)
 
@@ -220,6 +237,7 @@ class Engine:
         self.model = model
         self.processor = processor
         self.image_cache = ImageFeatureCache(image_cache_bytes)
+        self.cluster = getattr(model, "_fastvlm_cluster", None)  # set by load() when the decoder is split
 
     # ------------------------------------------------------------------ 1. render and tokenize
     def prepare(self, messages: Sequence[dict], system: Optional[str] = DEFAULT_SYSTEM) -> Prompt:
@@ -233,7 +251,17 @@ class Engine:
 
     # -------------------------------------------------------------------- 2. encode images
     def encode_images(self, pixels: Sequence[mx.array], digests: Sequence[str]) -> List[mx.array]:
-        """Projected embeddings (N, hidden) per image: from the cache, the misses in one tower call."""
+        """Projected embeddings (N, hidden) per image: from the cache, the misses in one tower call.
+
+        With the decoder split over ranks, the leader encodes and the other ranks receive."""
+        if self.cluster is None or not digests:
+            return self._encode_here(pixels, digests)
+        shape = (len(digests), self.model.config.num_image_tokens, self.model.config.text_args().hidden_size)
+        dtype = self.model.language_model.model.norm.weight.dtype
+        mine = mx.stack(self._encode_here(pixels, digests)) if self.cluster.leader else None
+        return list(self.cluster.share_images(mine, shape, dtype))
+
+    def _encode_here(self, pixels: Sequence[mx.array], digests: Sequence[str]) -> List[mx.array]:
         found = {d: self.image_cache.get(d) for d in dict.fromkeys(digests)}
         missing = [d for d, e in found.items() if e is None]
         if missing:
@@ -272,6 +300,10 @@ class Engine:
 
         Extra keyword arguments go to mlx-lm's ``generate_step`` (e.g. ``kv_bits``).
         """
+        cluster = self.cluster
+        if cluster is not None:
+            cluster.announce("stream", prompt=prompt.shareable(), sampling=sampling.shareable(),
+                             cache=None if cache is None else cache.key, **generate_kwargs)
         positions = prompt.positions()
         cached = cache.reuse(positions) if cache is not None else 0
         start = time.perf_counter()
@@ -297,15 +329,29 @@ class Engine:
                 if ttft_ms is None:
                     ttft_ms = (time.perf_counter() - start) * 1e3
                 generated.append(r.token)
-                yield GenerationResponse(
-                    **dict(asdict(r), prompt_tokens=len(positions)),
-                    vision_ms=vision_ms,
-                    ttft_ms=ttft_ms,
-                    cached_tokens=cached,
-                )
+                try:
+                    yield GenerationResponse(
+                        **dict(asdict(r), prompt_tokens=len(positions)),
+                        vision_ms=vision_ms,
+                        ttft_ms=ttft_ms,
+                        cached_tokens=cached,
+                    )
+                except GeneratorExit:  # the caller stopped early: so do the followers
+                    if cluster is not None and r.finish_reason is None:
+                        cluster.share(False)
+                    raise
+                # model-parallel: after each token but the last, the leader says whether it goes on
+                if cluster is not None and r.finish_reason is None and not cluster.share(True):
+                    break
         finally:  # also when the caller stops early: the cache holds what was fed, and says so
             if cache is not None:
                 cache.record(positions + generated)
+
+
+    def forget(self, cache: PromptCache) -> None:
+        """A conversation's cache is no longer needed (its follower-rank counterparts can go)."""
+        if self.cluster is not None:
+            self.cluster.announce("forget", cache=cache.key)
 
 
 def engine_for(model: FastVLM, processor: FastVLMProcessor, image_cache_bytes: Optional[int] = None) -> Engine:

@@ -8,8 +8,14 @@ class FastVLMError(Exception):
     """A user-facing problem with an input: the message names the input and what is wrong with it."""
 
 
+def lost_peer(e: BaseException) -> bool:
+    """Whether MLX's distributed backend failed because another rank went away."""
+    return isinstance(e, RuntimeError) and str(e).startswith(("[ring]", "[mpi]", "[jaccl]"))
+
+
 def exit_on_user_error(command):
-    """Wrap a CLI command: a FastVLMError becomes one 'error: ...' line on stderr and exit status 1."""
+    """Wrap a CLI command: a FastVLMError, or another rank of a distributed run going away, becomes one
+    'error: ...' line on stderr and exit status 1."""
     import functools
     import sys
 
@@ -19,6 +25,11 @@ def exit_on_user_error(command):
             return command(*args, **kwargs)
         except FastVLMError as e:
             print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
+        except RuntimeError as e:
+            if not lost_peer(e):
+                raise
+            print(f"error: lost another rank of the distributed group, which stopped or crashed ({e})", file=sys.stderr)
             raise SystemExit(1) from None
 
     return wrapper

@@ -3,8 +3,9 @@
 import sys
 from typing import List, Optional
 
+from . import distributed
 from .errors import exit_on_user_error
-from .engine import GenerationResponse, stream_generate
+from .engine import GenerationResponse, engine_for, stream_generate
 from .processor import DEFAULT_SYSTEM
 
 
@@ -44,32 +45,39 @@ def main(argv: Optional[List[str]] = None) -> int:
         vision_backend: str = typer.Option(
             "mlx", "--vision-backend", help="mlx, or coreml (macOS: the model directory's fastvithd.mlpackage)."
         ),
+        parallel: str = typer.Option("tensor", "--parallel", help=distributed.PARALLEL_HELP),
+        connect_timeout: float = typer.Option(distributed.DEFAULT_CONNECT_TIMEOUT, "--connect-timeout",
+                                              help=distributed.CONNECT_HELP),
     ):
-        model, processor = load(model_path, vision_backend=vision_backend)
-        last = None
-        for last in stream_generate(
-            model,
-            processor,
-            prompt,
-            image or None,
-            system=system or None,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
-        ):
-            sys.stdout.write(last.text)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        if verbose and last is not None:
-            print(_stats_line(last), file=sys.stderr)
+        cluster = distributed.start(parallel, connect_timeout)
+        model, processor = load(model_path, vision_backend=vision_backend, cluster=cluster)
+        if not distributed.follow_or_lead(cluster, engine_for(model, processor)):
+            return  # a follower rank: rank 0 prints
+        with distributed.leading(cluster):
+            _answer(model, processor, prompt, image, system, verbose, dict(
+                max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                repetition_penalty=repetition_penalty, seed=seed))
 
     app(args=argv)
     return 0
+
+
+def _answer(model, processor, prompt, image, system, verbose, sampling) -> None:
+    last = None
+    for last in stream_generate(
+        model,
+        processor,
+        prompt,
+        image or None,
+        system=system or None,
+        **sampling,
+    ):
+        sys.stdout.write(last.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if verbose and last is not None:
+        print(_stats_line(last), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from .errors import FastVLMError
 from .model import FastVLM, ModelConfig
 
 if TYPE_CHECKING:
+    from .distributed import Cluster
     from .processor import FastVLMProcessor
 
 DEFAULT_MODEL = "apple/FastVLM-0.5B"
@@ -93,11 +94,19 @@ def specialize(model: FastVLM) -> FastVLM:
     return model
 
 
-def load_model(path: Path, dtype: Optional[mx.Dtype] = None) -> FastVLM:
+def load_model(path: Path, dtype: Optional[mx.Dtype] = None, cluster: Optional["Cluster"] = None) -> FastVLM:
+    """Read, build and cast; with a ``cluster`` that splits the model, keep this rank's part of the decoder
+    (the weights are still lazy then, so the rest is never materialised) and, on a follower, no vision tower."""
     config, weights = read_checkpoint(path)
+    if cluster is not None and cluster.splits_model:
+        cluster.check_split(config.text_args())
     model = build_model(config, weights, str(path))
     model.set_dtype(dtype or default_dtype())
-    mx.eval(model.parameters())
+    if cluster is not None and cluster.splits_model:
+        cluster.split(model.language_model)
+        model._fastvlm_cluster = cluster  # a plain attribute, read by the engine
+    needed = model.parameters() if cluster is None or cluster.leader else model.language_model.parameters()
+    mx.eval(needed)
     return specialize(model)
 
 
@@ -105,12 +114,16 @@ VISION_BACKENDS = ("mlx", "coreml")
 
 
 def load(
-    path_or_repo: str = DEFAULT_MODEL, dtype: Optional[mx.Dtype] = None, vision_backend: str = "mlx"
+    path_or_repo: str = DEFAULT_MODEL,
+    dtype: Optional[mx.Dtype] = None,
+    vision_backend: str = "mlx",
+    cluster: Optional["Cluster"] = None,
 ) -> Tuple[FastVLM, "FastVLMProcessor"]:
     """Load a FastVLM checkpoint of any supported format; returns (model, processor).
 
     ``vision_backend="coreml"`` (macOS) encodes images with ``fastvithd.mlpackage`` from the model
-    directory, as Apple's app does; the projector and decoder still run in MLX.
+    directory, as Apple's app does; the projector and decoder still run in MLX.  ``cluster``
+    (``distributed.start``) splits the decoder over the ranks of a distributed group.
     """
     from .processor import FastVLMProcessor
 
@@ -122,7 +135,7 @@ def load(
         from .coreml_vision import PACKAGE_NAME, CoreMLVisionTower
 
         coreml_tower = CoreMLVisionTower.open(path / PACKAGE_NAME)
-    model = load_model(path, dtype)
+    model = load_model(path, dtype, cluster)
     if coreml_tower is not None:
         if coreml_tower.resolution != model.config.image_size:
             raise FastVLMError(

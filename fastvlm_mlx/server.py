@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import List, Optional
 from urllib.parse import urlparse
 
-from .errors import FastVLMError
+from .errors import FastVLMError, lost_peer
 
 # Fields of the chat-completions request that are implemented; any other non-null field is refused.
 SUPPORTED = {
@@ -319,10 +319,18 @@ class GenerationLoop:
         self.jobs = {}  # uid -> (job, state)
         self.admitting: List[Job] = []
         self.alive = True
+        self.stopping = False
+        self.failure: Optional[str] = None  # why the loop ended, when the server must end with it
         self.thread = threading.Thread(target=self._run, name="fastvlm-generation", daemon=True)
 
     def start(self):
         self.thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the step in progress and end the loop (and let follower ranks go)."""
+        self.stopping = True
+        if self.thread.is_alive():
+            self.thread.join(timeout)
 
     def submit(self, job: Job) -> None:
         try:
@@ -337,18 +345,27 @@ class GenerationLoop:
 
     def _run(self) -> None:
         try:
-            while True:
+            while not self.stopping:
                 self._admit(block=not self.jobs)
                 self._reap_cancelled()
                 for t in self.decoder.step():
                     self._deliver(t)
+            if self.decoder.cluster is not None:
+                self.decoder.cluster.close()
         except BaseException as e:  # the loop must never die silently: /health reports it
             self.alive = False
             for job in self.admitting + [job for job, _ in self.jobs.values()]:
                 self._send(job, APIError(500, f"the generation loop stopped ({type(e).__name__})", kind="server_error"))
             while not self.pending.empty():
                 self._send(self.pending.get_nowait(), APIError(503, "the generation loop stopped", kind="server_error"))
-            raise
+            if not lost_peer(e):
+                raise
+            # a rank of a split model is gone: nothing more can be generated, so the server ends
+            self.failure = f"lost another rank of the distributed group, which stopped or crashed ({e})"
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGINT)
 
     def _admit(self, block: bool) -> None:
         from .engine import Sampling
@@ -456,6 +473,7 @@ def create_app(model, processor, cfg: ServerConfig, model_id: str):
     async def lifespan(app):
         loop_.start()
         yield
+        await asyncio.get_running_loop().run_in_executor(None, loop_.stop)
 
     app = FastAPI(title="fastvlm-mlx", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.generation = loop_
@@ -603,6 +621,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     import typer
 
+    from . import distributed
+    from .engine import engine_for
     from .errors import exit_on_user_error
     from .loader import DEFAULT_MODEL, load
 
@@ -626,6 +646,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         allowed_image_dir: Optional[str] = typer.Option(None, "--allowed-image-dir", help="Serve local image paths under DIR."),
         image_cache_mb: int = typer.Option(256, "--image-cache-mb", help="Image-feature cache bound (0 disables)."),
         prompt_cache_mb: int = typer.Option(1024, "--prompt-cache-mb", help="Prompt (KV) cache bound."),
+        parallel: str = typer.Option("tensor", "--parallel", help=distributed.PARALLEL_HELP),
+        connect_timeout: float = typer.Option(distributed.DEFAULT_CONNECT_TIMEOUT, "--connect-timeout",
+                                              help=distributed.CONNECT_HELP),
     ):
         if allowed_image_dir is not None and not Path(allowed_image_dir).is_dir():
             raise FastVLMError(f"{allowed_image_dir}: --allowed-image-dir is not a directory")
@@ -639,9 +662,20 @@ def main(argv: Optional[List[str]] = None) -> int:
             import uvicorn
         except ImportError:
             raise FastVLMError("the server needs FastAPI and uvicorn: pip install -e '.[server]'") from None
-        model, processor = load(model_path)
+        cluster = distributed.start(parallel, connect_timeout)
+        model, processor = load(model_path, cluster=cluster)
+        if not distributed.follow_or_lead(cluster, engine_for(model, processor, cfg.image_cache_bytes)):
+            return  # a follower rank: rank 0 serves
+        service = create_app(model, processor, cfg, model_path)
         print(f"fastvlm-mlx serving {model_path} on http://{host}:{port}/v1", file=sys.stderr, flush=True)
-        uvicorn.run(create_app(model, processor, cfg, model_path), host=host, port=port, log_level="warning")
+        try:
+            uvicorn.run(service, host=host, port=port, log_level="warning")
+        except KeyboardInterrupt:
+            pass
+        finally:  # the generation loop ends between steps, and lets follower ranks go
+            service.state.generation.stop()
+        if service.state.generation.failure:
+            raise FastVLMError(service.state.generation.failure)
 
     app(args=argv)
     return 0

@@ -55,11 +55,13 @@ class ChatSession:
         self.engine = engine or engine_for(model, processor)
         self.system = system
         self.messages: List[dict] = []
-        self.cache = PromptCache(model)
+        self.cache: Optional[PromptCache] = None
         self.reset()
 
     def reset(self) -> None:
         """Forget the conversation (the system message stays)."""
+        if self.cache is not None:
+            self.engine.forget(self.cache)
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
         self.cache = PromptCache(self.model)
 
@@ -89,6 +91,7 @@ class ChatSession:
 
         Images given as paths are stored as paths (read again on the next turn); other images as PNGs
         of their preprocessed pixels, which preprocess to the very same pixels."""
+        _refuse_when_split(self.engine)
         history = [dict(m, content=self._portable(m["content"])) for m in self.messages]
         meta = {
             "format": SAVE_FORMAT,
@@ -123,6 +126,7 @@ class ChatSession:
     @classmethod
     def load(cls, path: Union[str, Path], model: FastVLM, processor: FastVLMProcessor) -> "ChatSession":
         """Resume a conversation written by ``save``; refuses a file made with another model."""
+        _refuse_when_split(engine_for(model, processor))
         if not Path(path).is_file():
             raise FastVLMError(f"{path}: no such file")
         try:
@@ -138,6 +142,12 @@ class ChatSession:
         chat.messages = [dict(m, content=_restored(m["content"])) for m in meta["messages"]]
         chat.cache = PromptCache(model, kv, [p if isinstance(p, int) else tuple(p) for p in meta["positions"]])
         return chat
+
+
+def _refuse_when_split(engine: Engine) -> None:
+    if engine.cluster is not None:
+        raise FastVLMError("saving and loading conversations is not available with the decoder split over "
+                           "several ranks (each rank holds only its part of the KV cache)")
 
 
 def _restored(content):

@@ -1,0 +1,278 @@
+"""One model over the ranks of an ``mx.distributed`` group (``mlx.launch``: ring over TCP, or MPI).
+
+Two ways to use the ranks:
+
+- **data parallel** (``batch --parallel data``): every rank holds the whole model and answers its own
+  share of the inputs; ``barrier`` lets rank 0 merge the results.
+- **model parallel** (``--parallel tensor``, mlx-lm's ``Model.shard()``; ``--parallel pipeline``,
+  mlx-lm's ``pipeline()``): the decoder is split over the ranks.  Rank 0, the leader, renders prompts,
+  reads images, runs the vision tower once and prints or serves.  Before each step it takes (a prompt to
+  stream, requests to admit, a decode step) it ``announce``s the step, and the other ranks, the
+  followers (``Follower``), take the same step on their part of the decoder, so every rank's KV caches
+  and sampled tokens stay the same.  The image embeddings go from the leader to the ranks whose layers
+  need them (``share_images``).
+
+Every collective here first waits for the generation stream: mlx-lm leaves a decode step running on it,
+and two collectives in flight at once would mix their bytes on the wire.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Optional
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import FastVLMError, lost_peer
+
+MODEL_PARALLEL = ("tensor", "pipeline")
+PARALLEL_HELP = ("Under mlx.launch (several ranks): split the decoder over the ranks, 'tensor' "
+                 "(mlx-lm's shard) or 'pipeline' (mlx-lm's pipeline). Ignored in a single process.")
+CONNECT_HELP = "Seconds to wait for the other ranks to connect before giving up."
+DEFAULT_CONNECT_TIMEOUT = 120.0
+IDLE_NAP = 0.4  # a follower waiting in a collective spins a core; while the leader is idle it sleeps instead
+
+
+def launched() -> bool:
+    """Whether this process was started as one rank of several (by mlx.launch, mpirun or by hand)."""
+    return "MLX_HOSTFILE" in os.environ or "OMPI_COMM_WORLD_SIZE" in os.environ
+
+
+def _connect(timeout: float) -> "mx.distributed.Group":
+    """Join the group; a rank that never comes up ends this one with a clear line after ``timeout`` s.
+
+    ``mx.distributed.init`` blocks holding the interpreter until every peer is there, so the watchdog
+    is a separate little process rather than a thread."""
+    backend = "ring" if "MLX_HOSTFILE" in os.environ else "mpi"
+    rank = os.environ.get("MLX_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "?"))
+    message = (f"error: rank {rank}: the other ranks did not connect within {timeout:g} s "
+               f"({backend} backend); start every rank, or check the hostfile and the network")
+    watchdog = subprocess.Popen(
+        ["sh", "-c", f'sleep {timeout}; echo "$0" >&2; kill -TERM {os.getpid()}', message],
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the sleep goes with it (and with it, our stderr)
+    )
+    try:
+        return mx.distributed.init(backend=backend, strict=True)
+    except RuntimeError as e:
+        raise FastVLMError(f"rank {rank}: could not join the distributed group ({backend}): {e}") from None
+    finally:
+        os.killpg(watchdog.pid, signal.SIGKILL)
+        watchdog.wait()
+
+
+@dataclass
+class Cluster:
+    """This process's place in the group and how the model is spread over it."""
+
+    group: "mx.distributed.Group"
+    mode: str  # "data", "tensor" or "pipeline"
+
+    @property
+    def rank(self) -> int:
+        return self.group.rank()
+
+    @property
+    def size(self) -> int:
+        return self.group.size()
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def splits_model(self) -> bool:
+        return self.mode in MODEL_PARALLEL
+
+    # ------------------------------------------------------------------ splitting the decoder
+    def check_split(self, text_args) -> None:
+        """Refuse a split mlx-lm cannot make, before any weights are read."""
+        n = self.size
+        if self.mode == "tensor":
+            for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+                value = getattr(text_args, name)
+                if value % n:
+                    raise FastVLMError(
+                        f"--parallel tensor cannot split this model over {n} ranks: its {value} "
+                        f"{name.replace('num_', '').replace('_', ' ')} do not divide by {n} "
+                        f"(use a divisor of {value} ranks, or --parallel pipeline)"
+                    )
+        elif self.mode == "pipeline" and text_args.num_hidden_layers < n:
+            raise FastVLMError(
+                f"--parallel pipeline cannot split {text_args.num_hidden_layers} decoder layers over {n} ranks"
+            )
+
+    def split(self, language_model) -> None:
+        """Keep this rank's part of the decoder (mlx-lm's own sharding)."""
+        if self.mode == "tensor":
+            language_model.shard(self.group)
+        elif self.mode == "pipeline":
+            language_model.model.pipeline(self.group)
+
+    @property
+    def first_stage(self) -> int:
+        """The rank whose layers take the input embeddings (mlx-lm gives the first layers to the last rank)."""
+        return self.size - 1 if self.mode == "pipeline" else 0
+
+    # ------------------------------------------------------------------ moving data
+    def _settle(self) -> None:
+        from mlx_lm.generate import generation_stream
+
+        mx.synchronize(generation_stream)
+        mx.synchronize()
+
+    def _sum(self, x: mx.array) -> mx.array:
+        out = mx.distributed.all_sum(x, group=self.group, stream=mx.cpu)
+        mx.eval(out)
+        return out
+
+    def share(self, obj=None):
+        """The leader's ``obj`` (anything JSON can hold) on every rank."""
+        self._settle()
+        data = np.frombuffer(json.dumps(obj).encode(), np.uint8) if self.leader else np.zeros(0, np.uint8)
+        n = int(self._sum(mx.array([data.size], dtype=mx.int32)).item())
+        payload = self._sum(mx.array(data) if self.leader else mx.zeros((n,), dtype=mx.uint8))
+        return obj if self.leader else json.loads(bytes(np.array(payload)))
+
+    def share_images(self, embeds: Optional[mx.array], shape: tuple, dtype: mx.Dtype) -> mx.array:
+        """The leader's image embeddings on the ranks that need them; zeros of the same shape elsewhere
+        (pipeline stages after the first only take the shape)."""
+        self._settle()
+        target = self.first_stage
+        if self.mode == "tensor":
+            return self._sum(embeds if self.leader else mx.zeros(shape, dtype=dtype))
+        if self.leader and target != 0:
+            mx.eval(mx.distributed.send(embeds, target, group=self.group, stream=mx.cpu))
+            return embeds
+        if self.rank == target and not self.leader:
+            out = mx.distributed.recv(shape, dtype, 0, group=self.group, stream=mx.cpu)
+            mx.eval(out)
+            return out
+        return embeds if self.leader else mx.zeros(shape, dtype=dtype)
+
+    def sum_counts(self, counts: list) -> list:
+        """Element-wise sums of small integer counts over the ranks."""
+        self._settle()
+        return [int(v) for v in self._sum(mx.array(counts, dtype=mx.int64)).tolist()]
+
+    def gather_bytes(self, data: bytes, chunk: int = 64 << 20) -> list:
+        """Every rank's ``data`` on the leader (a list in rank order; the others get []), in rounds of
+        at most ``chunk`` bytes a rank so that large files never travel whole."""
+        self._settle()
+        parts = [bytearray() for _ in range(self.size)]
+        offset = 0
+        while True:
+            piece = np.frombuffer(data[offset : offset + chunk], np.uint8)
+            sizes = mx.distributed.all_gather(mx.array([piece.size], dtype=mx.int32), group=self.group, stream=mx.cpu)
+            sizes = [int(v) for v in np.array(sizes)]
+            if not any(sizes):
+                break
+            padded = np.zeros(max(sizes), np.uint8)
+            padded[: piece.size] = piece
+            rows = mx.distributed.all_gather(mx.array(padded), group=self.group, stream=mx.cpu)
+            rows = np.array(rows).reshape(self.size, -1)
+            if self.leader:
+                for r, n in enumerate(sizes):
+                    parts[r] += rows[r, :n].tobytes()
+            offset += piece.size
+        return [bytes(p) for p in parts] if self.leader else []
+
+    def barrier(self) -> None:
+        self._settle()
+        self._sum(mx.zeros((1,)))
+
+    def announce(self, op: str, **fields) -> None:
+        """Leader only: tell the followers the step it is about to take."""
+        if self.splits_model and self.leader:
+            self.share(dict(fields, op=op))
+
+    def close(self) -> None:
+        """Leader: let the followers stop."""
+        self.announce("exit")
+
+
+def start(mode: str, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, allowed=MODEL_PARALLEL) -> Optional[Cluster]:
+    """The group this process is a rank of, or None when it runs alone."""
+    if mode not in allowed:
+        raise FastVLMError(f"--parallel must be one of {', '.join(allowed)} (got {mode!r})")
+    if not launched():
+        return None
+    group = _connect(connect_timeout)
+    if group.size() == 1:
+        return None
+    return Cluster(group, mode)
+
+
+class Follower:
+    """A rank other than the leader in model-parallel mode: takes every step the leader announces on its
+    part of the decoder, until the leader closes."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.cluster: Cluster = engine.cluster
+        self.caches = {}
+        self.decoder = None
+
+    def run(self) -> None:
+        from .batching import BatchDecoder
+        from .engine import PromptCache, Sampling
+
+        while True:
+            op = self.cluster.share()
+            kind = op.pop("op")
+            if kind == "exit":
+                return
+            if kind == "idle":
+                time.sleep(IDLE_NAP)
+            elif kind == "stream":
+                key = op.pop("cache")
+                cache = None if key is None else self.caches.setdefault(key, PromptCache(self.engine.model))
+                for _ in self.engine.stream(self._prompt(op.pop("prompt")), Sampling(**op.pop("sampling")), cache, **op):
+                    pass
+            elif kind == "forget":
+                self.caches.pop(op["cache"], None)
+            elif kind == "decoder":
+                self.decoder = BatchDecoder(self.engine, **op)
+            elif kind == "admit":
+                self.decoder.admit([(self._prompt(p), Sampling(**s)) for p, s in op["requests"]])
+            elif kind == "cancel":
+                self.decoder.cancel(op["uid"])
+            elif kind == "step":
+                self.decoder.step()
+            else:
+                raise FastVLMError(f"rank {self.cluster.rank}: unknown step {kind!r} from the leader")
+
+    def _prompt(self, fields: dict):
+        from .engine import Prompt
+
+        return Prompt(fields["ids"], [None] * len(fields["digests"]), fields["digests"], fields["image_tokens"])
+
+
+@contextmanager
+def leading(cluster: Optional[Cluster]):
+    """The leader's part of a front-end: when it ends (done, or a user error), the followers are let go;
+    when another rank went away there is nobody left to tell."""
+    if cluster is None:
+        yield
+        return
+    try:
+        yield
+    except BaseException as e:
+        if not lost_peer(e):
+            cluster.close()
+        raise
+    cluster.close()
+
+
+def follow_or_lead(cluster: Optional[Cluster], engine) -> bool:
+    """On a follower rank, take the leader's steps until it closes and return False; True on the leader
+    (or a single process), which goes on to do the work inside ``leading(cluster)``."""
+    if cluster is not None and not cluster.leader:
+        Follower(engine).run()
+        return False
+    return True
