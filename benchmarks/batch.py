@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,16 +46,6 @@ def picture_folder(folder: Path, n: int, resolution: int) -> Path:
     return folder
 
 
-def _free_ports(n: int):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def run_ours(model: Path, folder: Path, batch: int, max_tokens: int, ranks: int = 1, parallel: str = "data") -> dict:
     out = Path(tempfile.mkdtemp(prefix="fastvlm-bench-batch-")) / "out.jsonl"
     cmd = [sys.executable, "-m", "fastvlm_mlx.batch", "--model", str(model), "--input", str(folder), "--output",
@@ -66,8 +55,10 @@ def run_ours(model: Path, folder: Path, batch: int, max_tokens: int, ranks: int 
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=7200, cwd=ROOT)
         stderr = proc.stderr
     else:
+        from fastvlm_mlx.distributed import local_hosts  # not at the top: the torch worker imports no MLX
+
         hostfile = out.with_name("hosts.json")
-        hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(ranks)]))
+        hostfile.write_text(json.dumps(local_hosts(ranks)))
         procs = [subprocess.Popen(cmd + ["--parallel", parallel], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True, cwd=ROOT, env=dict(env, MLX_RANK=str(r), MLX_HOSTFILE=str(hostfile)))
                  for r in range(ranks)]
@@ -99,6 +90,12 @@ def run_mlxvlm(model: Path, paths: list, batch: int, max_tokens: int) -> dict:
 
     mx.set_default_device(mx.cpu)
     lm, processor = load(str(model))
+    # the checkpoint carries the small test tokenizer; random weights pick ids beyond it, which mlx-vlm's
+    # detokenizer (run after the timed generation of each chunk) cannot look up: give them a string
+    tokenmap = getattr(processor.detokenizer, "tokenmap", None)
+    vocab = lm.config.text_config.vocab_size
+    if tokenmap is not None and len(tokenmap) < vocab:
+        tokenmap.extend(["a"] * (vocab - len(tokenmap)))
     prompt = apply_chat_template(processor, lm.config, PROMPT, num_images=1)
     batch_generate(lm, processor, images=paths[:1], prompts=[prompt], max_tokens=2)  # warm-up
     tokens, t0 = 0, time.perf_counter()
@@ -125,6 +122,8 @@ def run_hf(size: str, paths: list, batch: int, max_tokens: int, resolution: int)
                   model_args=dict(inference_mode=True, layers=tuple(vshape["layers"]), embed_dims=tuple(vshape["embed_dims"])))
     cfg = FastVlmConfig(text_config=dict(model_type="qwen2", **text_config(size)), vision_config=vision,
                         image_seq_length=(resolution // 64) ** 2)
+    if cfg.image_token_id >= cfg.text_config.vocab_size:  # the smoke vocabulary is tiny
+        cfg.image_token_id = cfg.text_config.vocab_size - 1
     model = FastVlmForConditionalGeneration(cfg).eval()
     pre, post = prompt_ids(cfg.text_config.vocab_size)
     ids = pre + [cfg.image_token_id] * ((resolution // 64) ** 2) + post

@@ -191,7 +191,7 @@ def _caption_all(model_path, source, output, prompt, sampling, batch_size, loade
         ranks = "" if cluster is None else f" (merged from {cluster.size} ranks)"
         print(
             f"{counts[0]} answered, {counts[1]} failed, {counts[2]} already in {output}{ranks}; "
-            f"{(counts[0] + counts[1]) / elapsed if elapsed and counts[0] + counts[1] else 0:.2f} images/s; "
+            f"{(counts[0] + counts[1]) / elapsed if elapsed and counts[0] + counts[1] else 0:.3g} images/s; "
             f"{failed} input(s) with errors in total",
             file=sys.stderr,
         )

@@ -38,9 +38,28 @@ DEFAULT_CONNECT_TIMEOUT = 120.0
 IDLE_NAP = 0.4  # a follower waiting in a collective spins a core; while the leader is idle it sleeps instead
 
 
-def launched() -> bool:
-    """Whether this process was started as one rank of several (by mlx.launch, mpirun or by hand)."""
-    return "MLX_HOSTFILE" in os.environ or "OMPI_COMM_WORLD_SIZE" in os.environ
+# What mlx.launch (or mpirun) sets for each backend; a process started without any of them runs alone.
+LAUNCH_VARIABLES = {"MLX_HOSTFILE": "ring", "MLX_JACCL_COORDINATOR": "jaccl", "OMPI_COMM_WORLD_SIZE": "mpi"}
+
+
+def launched_backend() -> Optional[str]:
+    """The backend this process was started for as one rank of several, or None."""
+    return next((b for v, b in LAUNCH_VARIABLES.items() if v in os.environ), None)
+
+
+def local_hosts(n: int) -> list:
+    """A ring hostfile's contents for ``n`` ranks on this machine (127.0.0.1, ports free right now), for
+    trying several processes on one machine and for tests."""
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [[f"127.0.0.1:{s.getsockname()[1]}"] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _connect(timeout: float) -> "mx.distributed.Group":
@@ -48,7 +67,7 @@ def _connect(timeout: float) -> "mx.distributed.Group":
 
     ``mx.distributed.init`` blocks holding the interpreter until every peer is there, so the watchdog
     is a separate little process rather than a thread."""
-    backend = "ring" if "MLX_HOSTFILE" in os.environ else "mpi"
+    backend = launched_backend()
     rank = os.environ.get("MLX_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "?"))
     message = (f"error: rank {rank}: the other ranks did not connect within {timeout:g} s "
                f"({backend} backend); start every rank, or check the hostfile and the network")
@@ -200,7 +219,9 @@ def start(mode: str, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, allowed=M
     """The group this process is a rank of, or None when it runs alone."""
     if mode not in allowed:
         raise FastVLMError(f"--parallel must be one of {', '.join(allowed)} (got {mode!r})")
-    if not launched():
+    if connect_timeout <= 0:
+        raise FastVLMError(f"--connect-timeout must be positive (got {connect_timeout:g})")
+    if launched_backend() is None:
         return None
     group = _connect(connect_timeout)
     if group.size() == 1:

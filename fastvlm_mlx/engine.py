@@ -258,7 +258,7 @@ class Engine:
             return self._encode_here(pixels, digests)
         shape = (len(digests), self.model.config.num_image_tokens, self.model.config.text_args().hidden_size)
         dtype = self.model.language_model.model.norm.weight.dtype
-        mine = mx.stack(self._encode_here(pixels, digests)) if self.cluster.leader else None
+        mine = mx.stack(self._encode_here(pixels, digests)).astype(dtype) if self.cluster.leader else None
         return list(self.cluster.share_images(mine, shape, dtype))
 
     def _encode_here(self, pixels: Sequence[mx.array], digests: Sequence[str]) -> List[mx.array]:
