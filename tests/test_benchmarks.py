@@ -55,3 +55,13 @@ def test_chat_smoke_run_reports_each_turn():
     for turn in ("cold", "follow_up", "seen_image"):
         assert ours[turn]["ttft_ms"]["min"] > 0
     assert "ours TTFT / cold" in proc.stderr
+
+
+def test_batch_smoke_run_reports_images_per_second():
+    proc = run_cli("benchmarks.batch", "--smoke", timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert lines[0]["benchmark"] == "fastvlm-batch"
+    ours = [line for line in lines[1:] if line["system"] == "ours"]
+    assert [line["batch"] for line in ours] == [1, 2]
+    assert all(line["images"] == 4 and line["images_per_s"] > 0 and line["generated_tokens"] > 0 for line in ours)
