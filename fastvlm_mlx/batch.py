@@ -63,6 +63,17 @@ def list_inputs(source: str, prompt: Optional[str]) -> List[dict]:
     return items
 
 
+def read_records(data: bytes):
+    """(id, line, record) of each whole JSON record in ``data``; a damaged line is passed over, so that
+    input is simply done again."""
+    for line in data.decode("utf-8", "replace").splitlines():
+        try:
+            record = json.loads(line)
+            yield str(record["id"]), line, record
+        except (ValueError, KeyError, TypeError):
+            continue
+
+
 def done_ids(output: Path) -> dict:
     """Ids already in ``output`` -> whether their record is an error; a torn last line is cut off first."""
     if not output.exists():
@@ -72,14 +83,7 @@ def done_ids(output: Path) -> dict:
     if end < len(data):  # a line the previous run did not finish writing
         with open(output, "r+b") as f:
             f.truncate(end)
-    done = {}
-    for line in data[:end].decode("utf-8", "replace").splitlines():
-        try:
-            record = json.loads(line)
-            done[str(record["id"])] = "error" in record
-        except (ValueError, KeyError, TypeError):
-            continue  # a damaged line: that input is simply done again
-    return done
+    return {i: "error" in record for i, _, record in read_records(data[:end])}
 
 
 def _decode_ahead(items: List[dict], out: "queue.Queue", stop: threading.Event) -> None:
@@ -175,18 +179,19 @@ def _caption_all(model_path, source, output, prompt, sampling, batch_size, loade
             def write(record: dict) -> None:
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
                 out.flush()
+                done[record["id"]] = "error" in record
                 counts[1 if "error" in record else 0] += 1
                 bar.update(1)
                 bar.set_postfix(done=counts[0], failed=counts[1])
 
             caption(engine_for(model, processor), todo, sampling, batch_size, write)
+    finished = done  # what the output held, and what this run added
     if cluster is not None:
-        merge_parts(output, target, items, cluster)
+        finished = merge_parts(output, target, items, cluster)
         counts = cluster.sum_counts(counts)
     elapsed = time.perf_counter() - start
     failed = None
     if cluster is None or cluster.leader:
-        finished = done_ids(output)
         failed = sum(1 for item in items if finished.get(item["id"], True))
         ranks = "" if cluster is None else f" (merged from {cluster.size} ranks)"
         print(
@@ -217,21 +222,20 @@ def part_path(output: Path, cluster) -> Path:
     return output.with_name(f"{output.name}.rank{cluster.rank}-of-{cluster.size}")
 
 
-def merge_parts(output: Path, part: Path, items: List[dict], cluster) -> None:
+def merge_parts(output: Path, part: Path, items: List[dict], cluster) -> dict:
     """Data parallel: every rank's part file to rank 0 over the group (the ranks may not share a disk),
-    which rewrites ``output`` in input order, atomically; then each rank drops its part."""
+    which rewrites ``output`` in input order, atomically; then each rank drops its part.  Returns, on
+    rank 0, every id of the merged output -> whether its record is an error ({} elsewhere)."""
     mine = part.read_bytes() if part.exists() else b""
     mine = mine[: mine.rfind(b"\n") + 1]
     gathered = cluster.gather_bytes(mine)
+    finished = {}
     if cluster.leader:
         records = {}
         for chunk in [output.read_bytes() if output.exists() else b""] + gathered:
-            for line in chunk.decode("utf-8", "replace").splitlines():
-                try:
-                    record = json.loads(line)
-                    records[str(record["id"])] = line
-                except (ValueError, KeyError, TypeError):
-                    continue
+            for i, line, record in read_records(chunk):
+                records[i] = line
+                finished[i] = "error" in record
         order = {item["id"]: n for n, item in enumerate(items)}
         ids = sorted(records, key=lambda i: (i in order, order.get(i, 0)))  # ids of other inputs first, as they were
         tmp = output.with_name(output.name + ".merging")
@@ -239,6 +243,7 @@ def merge_parts(output: Path, part: Path, items: List[dict], cluster) -> None:
         os.replace(tmp, output)
     cluster.barrier()  # the merged file is in place before any part goes
     part.unlink(missing_ok=True)
+    return finished
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -284,9 +289,6 @@ def main(argv: Optional[List[str]] = None) -> int:
                 return  # a follower rank: rank 0 reads the inputs and writes the output
             with distributed.leading(cluster):
                 status["code"] = _caption_all(model_path, source, output, prompt, sampling, batch_size, (model, processor))
-            return
-        if cluster is None:
-            status["code"] = _caption_all(model_path, source, output, prompt, sampling, batch_size)
             return
         status["code"] = _caption_all(model_path, source, output, prompt, sampling, batch_size, cluster=cluster)
 

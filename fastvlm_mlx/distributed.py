@@ -241,7 +241,7 @@ class Follower:
 
     def run(self) -> None:
         from .batching import BatchDecoder
-        from .engine import PromptCache, Sampling
+        from .engine import Prompt, PromptCache, Sampling
 
         while True:
             op = self.cluster.share()
@@ -253,25 +253,21 @@ class Follower:
             elif kind == "stream":
                 key = op.pop("cache")
                 cache = None if key is None else self.caches.setdefault(key, PromptCache(self.engine.model))
-                for _ in self.engine.stream(self._prompt(op.pop("prompt")), Sampling(**op.pop("sampling")), cache, **op):
+                prompt, sampling = Prompt.from_shareable(op.pop("prompt")), Sampling(**op.pop("sampling"))
+                for _ in self.engine.stream(prompt, sampling, cache, **op):
                     pass
             elif kind == "forget":
                 self.caches.pop(op["cache"], None)
             elif kind == "decoder":
                 self.decoder = BatchDecoder(self.engine, **op)
             elif kind == "admit":
-                self.decoder.admit([(self._prompt(p), Sampling(**s)) for p, s in op["requests"]])
+                self.decoder.admit([(Prompt.from_shareable(p), Sampling(**s)) for p, s in op["requests"]])
             elif kind == "cancel":
                 self.decoder.cancel(op["uid"])
             elif kind == "step":
                 self.decoder.step()
             else:
                 raise FastVLMError(f"rank {self.cluster.rank}: unknown step {kind!r} from the leader")
-
-    def _prompt(self, fields: dict):
-        from .engine import Prompt
-
-        return Prompt(fields["ids"], [None] * len(fields["digests"]), fields["digests"], fields["image_tokens"])
 
 
 @contextmanager

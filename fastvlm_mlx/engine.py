@@ -135,6 +135,11 @@ class Prompt:
         """What a follower rank needs of the prompt: the ids and the image identities, not the pixels."""
         return {"ids": self.ids, "digests": self.digests, "image_tokens": self.image_tokens}
 
+    @classmethod
+    def from_shareable(cls, fields: dict) -> "Prompt":
+        """A follower's copy of the leader's prompt: no pixels (the leader sends the embeddings)."""
+        return cls(fields["ids"], [None] * len(fields["digests"]), fields["digests"], fields["image_tokens"])
+
     def image_spans(self) -> List[range]:
         """The positions each image occupies."""
         spans, offset = [], 0
@@ -346,7 +351,6 @@ class Engine:
         finally:  # also when the caller stops early: the cache holds what was fed, and says so
             if cache is not None:
                 cache.record(positions + generated)
-
 
     def forget(self, cache: PromptCache) -> None:
         """A conversation's cache is no longer needed (its follower-rank counterparts can go)."""
