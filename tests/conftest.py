@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+import fastvlm_mlx  # noqa: F401  first, as an app should: it preloads the optimized BLAS before mlx.core
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
 FORMATS = ("format_a", "format_b", "format_c")

@@ -113,3 +113,16 @@ def test_every_switch_is_listed_once():
     assert used == set(SWITCHES), used ^ set(SWITCHES)
     readme = (ROOT / "README.md").read_text()
     assert all(name in readme for name in SWITCHES)
+
+
+def test_cpu_tower_takes_several_images_in_one_call(reference, monkeypatch):
+    """The CPU tower runs a batch one image at a time; the plain tower's batched pass is the reference."""
+    arrays, _ = reference
+    pixels = mx.concatenate([arrays["pixels"], arrays["pixels"][:, ::-1], 1.0 - arrays["pixels"]])
+    monkeypatch.setenv("FASTVLM_MLX_CPU", "0")
+    plain, _ = load(str(FIXTURES / "format_a"))
+    monkeypatch.delenv("FASTVLM_MLX_CPU")
+    fast, _ = load(str(FIXTURES / "format_a"))
+    expected, got = plain.vision_tower(pixels), fast.vision_tower(pixels)
+    assert got.shape == expected.shape and got.shape[0] == 3
+    assert rel_err(expected, got) <= 1e-5

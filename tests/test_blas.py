@@ -156,3 +156,21 @@ def test_blas_threads_is_a_no_op_without_a_loaded_library():
     assert blas.loaded is None and blas._thread_controls() is None
     with blas.blas_threads(1):
         pass
+
+
+def test_loading_a_model_after_a_late_import_warns_once():
+    """An app that imports mlx.core first gets MLX's slow BLAS; loading a CPU float32 model says so, once."""
+    script = (
+        "import warnings; warnings.simplefilter('always')\n"
+        "import mlx.core\n"
+        "import fastvlm_mlx\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        f"    fastvlm_mlx.load({str(ROOT / 'tests' / 'fixtures' / 'format_a')!r})\n"
+        f"    fastvlm_mlx.load({str(ROOT / 'tests' / 'fixtures' / 'format_a')!r})\n"
+        "print(sum('import fastvlm_mlx first' in str(w.message) for w in caught))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("FASTVLM_MLX_BLAS", "FASTVLM_MLX_CPU")}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "1"

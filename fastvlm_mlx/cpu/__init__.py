@@ -50,9 +50,11 @@ def prepare_process():
 def install(model) -> None:
     """Turn a loaded FastVLM's modules into their CPU variants (same weights, same outputs)."""
     from ..vision import FastViTHD
+    from .blas import warn_if_imported_too_late
     from .decoder import CpuAttention, CpuMLP
     from .vision import CpuFastViTHD, CpuProjector
 
+    warn_if_imported_too_late()
     if type(model.vision_tower) is FastViTHD:  # a CoreML tower stays as it is
         model.vision_tower.__class__ = CpuFastViTHD
     model.projector.__class__ = CpuProjector
