@@ -65,6 +65,14 @@ def test_runtime_never_imports_convert():
         assert not re.search(r"^\s*(from|import) convert\b", source, re.M), path
 
 
+def plain_and_cpu_models(monkeypatch):
+    """The fixture checkpoint loaded without the CPU variants (FASTVLM_MLX_CPU=0), then with them."""
+    monkeypatch.setenv("FASTVLM_MLX_CPU", "0")
+    plain = load(str(FIXTURES / "format_a"))
+    monkeypatch.delenv("FASTVLM_MLX_CPU")
+    return plain, load(str(FIXTURES / "format_a"))
+
+
 def test_plain_and_cpu_paths_agree_in_process(reference, monkeypatch):
     """The same checkpoint loaded both ways: vision features and prefill logits agree, and the plain
     model's forward enters no CPU kernel (every kernel the CPU variants call is counted)."""
@@ -77,10 +85,7 @@ def test_plain_and_cpu_paths_agree_in_process(reference, monkeypatch):
             monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
 
     arrays, meta = reference
-    monkeypatch.setenv("FASTVLM_MLX_CPU", "0")
-    plain, processor = load(str(FIXTURES / "format_a"))
-    monkeypatch.delenv("FASTVLM_MLX_CPU")
-    fast, _ = load(str(FIXTURES / "format_a"))
+    (plain, processor), (fast, _) = plain_and_cpu_models(monkeypatch)
 
     def outputs(model):
         ids = processor.encode(meta["prompt_text"])
@@ -119,10 +124,7 @@ def test_cpu_tower_takes_several_images_in_one_call(reference, monkeypatch):
     """The CPU tower runs a batch one image at a time; the plain tower's batched pass is the reference."""
     arrays, _ = reference
     pixels = mx.concatenate([arrays["pixels"], arrays["pixels"][:, ::-1], 1.0 - arrays["pixels"]])
-    monkeypatch.setenv("FASTVLM_MLX_CPU", "0")
-    plain, _ = load(str(FIXTURES / "format_a"))
-    monkeypatch.delenv("FASTVLM_MLX_CPU")
-    fast, _ = load(str(FIXTURES / "format_a"))
+    (plain, _), (fast, _) = plain_and_cpu_models(monkeypatch)
     expected, got = plain.vision_tower(pixels), fast.vision_tower(pixels)
     assert got.shape == expected.shape and got.shape[0] == 3
     assert rel_err(expected, got) <= 1e-5

@@ -160,6 +160,7 @@ def test_blas_threads_is_a_no_op_without_a_loaded_library():
 
 def test_loading_a_model_after_a_late_import_warns_once():
     """An app that imports mlx.core first gets MLX's slow BLAS; loading a CPU float32 model says so, once."""
+    optimized_library_or_skip()  # without one, importing the package first would not help, and nothing is said
     script = (
         "import warnings; warnings.simplefilter('always')\n"
         "import mlx.core\n"

@@ -100,7 +100,7 @@ def load_fast_blas():
         if not sys.platform.startswith("linux") or choice.lower() in OFF_VALUES:
             return None
         if "mlx.core" in sys.modules:
-            imported_too_late = True
+            imported_too_late = bool(candidates())  # importing the package first would have helped
             return None
         if os.sep in choice or choice.startswith("lib"):
             if _try_load(choice):
@@ -152,9 +152,9 @@ def blas_threads(n: int):
 
 
 def warn_if_imported_too_late() -> None:
-    """A float32 model on the CPU without the fast BLAS runs its matmuls 20-30x slower: say why, once."""
+    """A float32 model on the CPU without the fast BLAS runs its matmuls 20-40x slower: say why, once."""
     global imported_too_late
     if imported_too_late:
         imported_too_late = False
         warnings.warn("mlx.core was imported before fastvlm_mlx, so MLX keeps its reference BLAS and float32 "
-                      "matmuls run 20-30x slower on this CPU: import fastvlm_mlx first", stacklevel=3)
+                      "matmuls run 20-40x slower on this CPU: import fastvlm_mlx first", stacklevel=3)
