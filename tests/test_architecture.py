@@ -11,7 +11,8 @@ from conftest import FIXTURES, PHOTO, ROOT, rel_err
 
 from fastvlm_mlx import load
 
-CPU_KERNEL_MODULES = ["fastvlm_mlx.cpu.kernels", "fastvlm_mlx.cpu.depthwise", "fastvlm_mlx.cpu.vision", "fastvlm_mlx.cpu.decoder"]
+CPU_KERNEL_MODULES = ["fastvlm_mlx.cpu.kernels", "fastvlm_mlx.cpu.depthwise", "fastvlm_mlx.cpu.vision", "fastvlm_mlx.cpu.decoder",
+                      "fastvlm_mlx.cpu.skinny"]
 
 # Loads a model, generates, and reports which modules were imported and which CPU kernels were entered.
 PROBE = r"""
@@ -107,6 +108,37 @@ def test_cpu_layer_only_for_float32():
     model, _ = load(str(FIXTURES / "format_a"), dtype=mx.float16)
     assert type(model.vision_tower).__name__ == "FastViTHD"
     assert type(model.language_model.layers[0].self_attn).__name__ == "Attention"
+
+
+def test_without_a_compiler_decoding_warns_once_and_keeps_mlx_matmul(reference, monkeypatch, tmp_path):
+    """Where skinny.c cannot be built, loading says so once and the answer is still the transformers
+    reference's; FASTVLM_MLX_SKINNY=0 turns the kernel off without a word."""
+    import warnings
+
+    import pytest
+
+    from fastvlm_mlx import generate
+    from fastvlm_mlx.cpu import skinny
+
+    arrays, _ = reference
+    monkeypatch.setattr(skinny, "_kernel", None)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with pytest.warns(UserWarning, match="could not build skinny.c"):
+        model, processor = load(str(FIXTURES / "format_a"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load(str(FIXTURES / "format_a"))
+    assert skinny.matmul(mx.ones((1, 4)), mx.ones((3, 4))) is None
+    text = generate(model, processor, "Describe the image.", image=str(PHOTO), max_tokens=16)
+    assert text == processor.tokenizer.decode(arrays["greedy_tokens"].tolist())
+    assert not list(tmp_path.glob("fastvlm_mlx/*.so"))  # nothing half-built left behind
+
+    monkeypatch.setattr(skinny, "_kernel", None)
+    monkeypatch.setenv("FASTVLM_MLX_SKINNY", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert skinny.kernel() is None
 
 
 def test_every_switch_is_listed_once():

@@ -65,24 +65,68 @@ def test_causal_grouped_attention_matches_mlx():
         assert (mx.abs(out - ref).max() / mx.abs(ref).max()).item() < 1e-6, mask
 
 
-def test_decoder_layers_match_mlx_lm_with_a_cached_prefix():
-    """The decoder's CPU attention and SiLU gate give mlx-lm's Qwen2 outputs, prefix cache included."""
+def test_decoder_layers_match_mlx_lm_with_a_cached_prefix(monkeypatch):
+    """mlx-lm's Qwen2 with the CPU variants (attention, SiLU gate, the few-row matmul of every linear layer
+    and of the tied output projection) gives mlx-lm's own outputs for a batch of 3: a prefill, a multi-token
+    step over the cached prefix, then single-token decode steps, which go through the compiled kernel."""
     from mlx_lm.models import qwen2
     from mlx_lm.models.cache import make_prompt_cache
 
-    from fastvlm_mlx.cpu.decoder import CpuAttention as DecoderAttention
-    from fastvlm_mlx.cpu.decoder import CpuMLP as DecoderMLP
+    from fastvlm_mlx.cpu import decoder, skinny
 
     args = qwen2.ModelArgs(model_type="qwen2", hidden_size=64, num_hidden_layers=2, intermediate_size=96,
-                           num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=50)
+                           num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=50,
+                           tie_word_embeddings=True)
     mx.random.seed(5)
     theirs = qwen2.Model(args)
     ours = qwen2.Model(args)
-    for layer in ours.layers:
-        layer.self_attn, layer.mlp = DecoderAttention(args), DecoderMLP(args.hidden_size, args.intermediate_size)
     ours.update(theirs.parameters())
-    ids = mx.random.randint(0, 50, (1, 12))
+    decoder.install(ours)
+    assert type(ours.layers[0].self_attn.q_proj) is decoder.CpuLinear
+    assert type(ours.model.embed_tokens) is decoder.CpuEmbedding
+    kernel_rows = []
+    fn = skinny.kernel()
+    monkeypatch.setattr(skinny, "_kernel", lambda *a: kernel_rows.append(a[3]) or fn(*a))
+    ids = mx.random.randint(0, 50, (3, 14))
     caches = [make_prompt_cache(m) for m in (theirs, ours)]
-    for chunk in (ids[:, :5], ids[:, 5:11], ids[:, 11:]):  # prefix, then a multi-token step at offset 5, then decode
+    # prefix, a multi-token step at offset 5 (3 x 2 rows: the kernel), then decode steps
+    for chunk in (ids[:, :5], ids[:, 5:7], ids[:, 7:8], ids[:, 8:9], ids[:, 9:10]):
         ref, out = theirs(chunk, cache=caches[0]), ours(chunk, cache=caches[1])
         assert (mx.abs(out - ref).max() / mx.abs(ref).max()).item() < 1e-5
+    assert set(kernel_rows) == {6, 3}, set(kernel_rows)  # the 15-row prefill went to MLX's matmul
+
+
+def test_few_row_matmul_matches_float64():
+    """skinny.c against numpy in float64, over every tile and tail: rows 1-8, widths and depths that are
+    and are not multiples of the tile sizes, one thread and several."""
+    from fastvlm_mlx.cpu import skinny
+
+    assert skinny.kernel() is not None, "the kernel could not be built (is there a C compiler?)"
+    rng = np.random.default_rng(3)
+    for rows in range(1, skinny.MAX_ROWS + 1):
+        for n, k in ((1, 1), (7, 13), (8, 8), (37, 64), (100, 901)):
+            x, w = rng.normal(size=(rows, k)).astype(np.float32), rng.normal(size=(n, k)).astype(np.float32)
+            ref = x.astype(np.float64) @ w.astype(np.float64).T
+            out = np.array(skinny.matmul(mx.array(x), mx.array(w)))
+            assert out.shape == (rows, n)
+            assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max(), (rows, n, k)
+    x, w = mx.random.normal((2, 3, 64)), mx.random.normal((50, 64))  # leading dimensions are kept
+    assert skinny.matmul(x, w).shape == (2, 3, 50)
+    assert (mx.abs(skinny.matmul(x, w) - x @ w.T).max() <= 1e-5 * mx.abs(x @ w.T).max()).item()
+
+
+def test_few_row_matmul_leaves_what_it_does_not_cover_to_mlx():
+    from fastvlm_mlx.cpu import skinny
+    from fastvlm_mlx.cpu.decoder import CpuLinear
+
+    w = mx.random.normal((32, 32))
+    assert skinny.matmul(mx.random.normal((skinny.MAX_ROWS + 1, 32)), w) is None  # a prefill: sgemm is as fast
+    assert skinny.matmul(mx.random.normal((1, 32)).astype(mx.float16), w.astype(mx.float16)) is None
+    assert skinny.matmul(mx.random.normal((1, 16)), w) is None  # shapes that do not fit
+    assert skinny.matmul(mx.random.normal((1, 32)), w.T) is None  # a transposed view is not row-major
+    layer = nn.Linear(32, 8)
+    plain = layer(mx.ones((2, 32)))
+    layer.__class__ = CpuLinear
+    assert (mx.abs(layer(mx.ones((2, 32))) - plain).max() < 1e-5).item()  # through the kernel, bias added
+    # inside mx.compile there are no values to read: MLX's matmul is traced instead
+    assert (mx.abs(mx.compile(layer)(mx.ones((2, 32))) - plain).max() < 1e-5).item()

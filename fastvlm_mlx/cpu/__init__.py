@@ -7,9 +7,10 @@ no buffer cache.  This package works around each, in two places only:
    ``prepare_process`` on Linux builds without a GPU backend): an optimized BLAS is preloaded
    (``blas``) and glibc malloc keeps large buffers for reuse (``heap``).
 2. When a model is loaded on the CPU in float32 (``fastvlm_mlx.loader`` calls ``install``): the
-   vision tower, the projector and each decoder layer's attention and MLP become CPU variants that
-   hold the same weights and compute the same maths with the kernels of ``kernels`` and
-   ``depthwise``, scheduled by ``vision`` and ``decoder``.  The variants add no parameters or state,
+   vision tower, the projector and the decoder's attention, MLPs and linear layers become CPU
+   variants that hold the same weights and compute the same maths with the kernels of ``kernels``,
+   ``depthwise`` and ``skinny`` (compiled C for the few-row matmuls of decoding), scheduled by
+   ``vision`` and ``decoder``.  The variants add no parameters or state,
    so a module becomes its variant by a change of class and every weight stays where it was.
 
 This ``__init__`` imports nothing from MLX, so that step 1 can run before ``mlx.core`` is loaded.
@@ -24,6 +25,7 @@ SWITCHES = {
     "FASTVLM_MLX_MALLOC": "0/off/none/false/no: leave glibc malloc's thresholds alone (heap.py)",
     "FASTVLM_MLX_CPU": "0/off/none/false/no: run the plain model on the CPU too, without the CPU variants",
     "FASTVLM_MLX_CPU_STREAMS": "1: keep the vision tower in one CPU stream (vision.py)",
+    "FASTVLM_MLX_SKINNY": "0/off/none/false/no: decode with MLX's matmul, not the compiled few-row kernel (skinny.py)",
     "FASTVLM_MLX_DEPTHWISE": "native, shift or toeplitz (default): the CPU depthwise-conv path (depthwise.py)",
 }
 
@@ -51,13 +53,11 @@ def install(model) -> None:
     """Turn a loaded FastVLM's modules into their CPU variants (same weights, same outputs)."""
     from ..vision import FastViTHD
     from .blas import warn_if_imported_too_late
-    from .decoder import CpuAttention, CpuMLP
+    from .decoder import install as install_decoder
     from .vision import CpuFastViTHD, CpuProjector
 
     warn_if_imported_too_late()
     if type(model.vision_tower) is FastViTHD:  # a CoreML tower stays as it is
         model.vision_tower.__class__ = CpuFastViTHD
     model.projector.__class__ = CpuProjector
-    for layer in model.language_model.layers:
-        layer.self_attn.__class__ = CpuAttention
-        layer.mlp.__class__ = CpuMLP
+    install_decoder(model.language_model)

@@ -1,12 +1,16 @@
-"""mlx-lm's Qwen2 attention and MLP with the CPU kernels: same weights and names, same maths.
+"""mlx-lm's Qwen2 attention and MLP, and the decoder's linear layers, with the CPU kernels: same
+weights and names, same maths.
 
-``fastvlm_mlx.cpu.install`` turns each decoder layer's ``self_attn`` and ``mlp`` into these, so the
-rest of mlx-lm (KV caches, generation loop, quantization) is untouched.
+``fastvlm_mlx.cpu.install`` turns each decoder layer's ``self_attn`` and ``mlp``, and every plain
+``nn.Linear`` and ``nn.Embedding`` of the decoder, into these, so the rest of mlx-lm (KV caches,
+generation loop, sharding, quantization) is untouched.
 """
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx_lm.models import qwen2
 
+from . import skinny
 from .kernels import attention, on_cpu_float32, swiglu
 
 
@@ -38,3 +42,35 @@ class CpuMLP(qwen2.MLP):
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class CpuLinear(nn.Linear):
+    """A decode step's few rows (one per sequence) go through ``skinny.matmul``, which streams the weight
+    at the memory's speed; more rows (the prefill) go to MLX's BLAS matmul."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = skinny.matmul(x, self.weight)
+        if y is None:
+            return super().__call__(x)
+        return y + self.bias if "bias" in self else y
+
+
+class CpuEmbedding(nn.Embedding):
+    """The tied output projection (151936 x 896 for Qwen2-0.5B, a quarter of its weights) as ``CpuLinear``."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        y = skinny.matmul(x, self.weight)
+        return super().as_linear(x) if y is None else y
+
+
+def install(language_model: nn.Module) -> None:
+    """Turn an mlx-lm Qwen2 model's attention, MLPs, linear layers and embedding into the variants above;
+    the few-row kernel is built now, so that a missing compiler is reported at load, not mid-answer."""
+    skinny.kernel()
+    for layer in language_model.layers:
+        layer.self_attn.__class__ = CpuAttention
+        layer.mlp.__class__ = CpuMLP
+    variants = {nn.Linear: CpuLinear, nn.Embedding: CpuEmbedding}  # exact types: sharded or quantized ones stay
+    for _, module in language_model.named_modules():
+        if type(module) in variants:
+            module.__class__ = variants[type(module)]
