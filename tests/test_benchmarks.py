@@ -65,3 +65,12 @@ def test_batch_smoke_run_reports_images_per_second():
     ours = [line for line in lines[1:] if line["system"] == "ours"]
     assert [line["batch"] for line in ours] == [1, 2]
     assert all(line["images"] == 4 and line["images_per_s"] > 0 and line["generated_tokens"] > 0 for line in ours)
+
+
+def test_decode_matmul_smoke_run_reports_each_system():
+    proc = run_cli("benchmarks.decode_matmul", "--model-size", "smoke", "--rows", "1,3", "--reps", "1", timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert lines[0]["benchmark"] == "decode-matmul" and lines[0]["weights_gb"] > 0
+    assert [line["rows"] for line in lines[1:]] == [1, 3]
+    assert all(line["ours"]["ms"] > 0 and line["mlx"]["gb_per_s"] > 0 and line["ours_vs_mlx"] > 0 for line in lines[1:])

@@ -1,0 +1,85 @@
+"""The matmuls of one decode step: every decoder weight times a few rows, as MLX's BLAS, our kernel and PyTorch do them.
+
+    python -m benchmarks.decode_matmul [--model-size 0.5B] [--rows 1,4,8] [--reps 5]
+
+One decode step multiplies each decoder weight (24 layers of q, k, v, o, gate, up and down, then the output
+projection: 1.98 GB in float32 for 0.5B) by one row per sequence. The weights are random and distinct, so each
+step reads them all from memory, as decoding does. Figures are the best of --reps steps: ms per step, and GB/s of
+weights read. "mlx" is ``x @ w.T`` (sgemm of the BLAS that fastvlm_mlx loads), "ours" is
+``fastvlm_mlx.cpu.skinny.matmul``, "torch" is ``x @ w.T`` in PyTorch (when installed) on the same memory.
+"""
+
+import argparse
+import json
+import time
+
+import fastvlm_mlx  # noqa: F401 - first, so that MLX binds to the optimized BLAS
+import mlx.core as mx
+import numpy as np
+
+from fastvlm_mlx.cpu import skinny
+
+from .shapes import text_config
+
+
+def decoder_shapes(size: str):
+    """(out, in) of every weight a decode step reads, in the order it reads them."""
+    c = text_config(size)
+    d, f, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    kv = d // c["num_attention_heads"] * c["num_key_value_heads"]
+    layer = [(d, d), (kv, d), (kv, d), (d, d), (f, d), (f, d), (d, f)]
+    return layer * layers + [(c["vocab_size"], d)]
+
+
+def best_step(matmuls, reps: int) -> float:
+    matmuls()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        matmuls()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-size", default="0.5B")
+    parser.add_argument("--rows", default="1,4,8", help="rows per matmul (sequences decoding together)")
+    parser.add_argument("--reps", type=int, default=5)
+    args = parser.parse_args()
+    mx.set_default_device(mx.cpu)
+    mx.random.seed(0)
+    weights = [mx.random.normal(shape) for shape in decoder_shapes(args.model_size)]
+    mx.eval(weights)
+    nbytes = sum(w.nbytes for w in weights)
+    try:
+        import torch
+
+        torch_weights = [torch.from_numpy(np.asarray(w)) for w in weights]  # the same memory
+    except ImportError:
+        torch_weights = None
+    assert skinny.kernel() is not None, "the kernel could not be built"
+    print(json.dumps({"benchmark": "decode-matmul", "model_size": args.model_size, "weights_gb": round(nbytes / 1e9, 3),
+                      "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "reps": args.reps}))
+    for rows in (int(r) for r in args.rows.split(",")):
+        x = {w.shape[1]: mx.random.normal((rows, w.shape[1])) for w in weights}
+        mx.eval(list(x.values()))
+        cases = {
+            "mlx": lambda: mx.eval([x[w.shape[1]] @ w.T for w in weights]),
+            "ours": lambda: [skinny.matmul(x[w.shape[1]], w) for w in weights],
+        }
+        if torch_weights is not None:
+            tx = {k: torch.from_numpy(np.asarray(v)) for k, v in x.items()}
+            cases["torch"] = lambda: [tx[w.shape[1]] @ w.T for w in torch_weights]
+        result = {"rows": rows}
+        for name, matmuls in cases.items():
+            seconds = best_step(matmuls, args.reps)
+            result[name] = {"ms": round(seconds * 1e3, 1), "gb_per_s": round(nbytes / seconds / 1e9, 1)}
+        for name in ("mlx", "torch"):
+            if name in result:
+                result[f"ours_vs_{name}"] = round(result[name]["ms"] / result["ours"]["ms"], 2)
+        print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
