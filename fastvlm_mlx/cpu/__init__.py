@@ -18,7 +18,6 @@ This ``__init__`` imports nothing from MLX, so that step 1 can run before ``mlx.
 Every environment switch of the package is listed in ``SWITCHES`` (a test checks that no other is read).
 """
 
-import os
 
 SWITCHES = {
     "FASTVLM_MLX_BLAS": "0/off/none/false/no: keep MLX's bundled BLAS; a path: load that library (blas.py)",
@@ -34,9 +33,9 @@ CPU_ENV = "FASTVLM_MLX_CPU"
 
 def enabled() -> bool:
     """Whether FASTVLM_MLX_CPU leaves the CPU variants on (it is read when a model is loaded)."""
-    from .blas import OFF_VALUES
+    from .blas import switched_off
 
-    return os.environ.get(CPU_ENV, "").strip().lower() not in OFF_VALUES
+    return not switched_off(CPU_ENV)
 
 
 def prepare_process():

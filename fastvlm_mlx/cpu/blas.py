@@ -29,6 +29,11 @@ imported_too_late = False
 
 # Values of an on/off environment variable (this one and FASTVLM_MLX_MALLOC) that mean off.
 OFF_VALUES = {"0", "off", "none", "false", "no"}
+
+
+def switched_off(variable: str) -> bool:
+    """Whether an on/off environment variable of the package is set to one of OFF_VALUES."""
+    return os.environ.get(variable, "").strip().lower() in OFF_VALUES
 _done = False
 
 

@@ -13,11 +13,10 @@ Environment variable FASTVLM_MLX_MALLOC: ``0``/``off``/``false``/``no`` leaves m
 """
 
 import ctypes
-import os
 import platform
 import sys
 
-from .blas import OFF_VALUES
+from .blas import switched_off
 
 ENV_VAR = "FASTVLM_MLX_MALLOC"
 
@@ -40,7 +39,7 @@ def keep_large_buffers() -> bool:
     try:
         if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
             return False
-        if os.environ.get(ENV_VAR, "").strip().lower() in OFF_VALUES:
+        if switched_off(ENV_VAR):
             return False
         libc = ctypes.CDLL(None)
         tuned = bool(libc.mallopt(_M_MMAP_THRESHOLD, _THRESHOLD_BYTES)) and bool(

@@ -2,7 +2,7 @@
  *
  * x is (M, K), w is (N, K) (an nn.Linear weight), y is (M, N); all float32, row-major, contiguous.
  * With M <= 8 the product is bound by reading w once from memory, and BLAS sgemm packs w for a big
- * GEMM and reaches a third of the bandwidth.  Here each tile of RB consecutive rows of w is read once
+ * GEMM and streams it slower (benchmarks/RESULTS.md, session 6).  Here each tile of RB consecutive rows of w is read once
  * and multiplied with up to 8 rows of x held in L1: every w vector load feeds MB multiply-adds and
  * every x load RB of them, with MB * RB independent accumulators to cover the FMA latency.  The rows
  * of w are split between threads.  Built by skinny.py with the machine's C compiler (-O3

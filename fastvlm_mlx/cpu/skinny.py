@@ -2,9 +2,9 @@
 
 Decoding reads every decoder weight once per step, so its speed is the speed at which the matmul
 streams the weights.  MLX's CPU matmul is BLAS sgemm, which packs the weight for a big GEMM: with
-1-8 rows it streamed 8-11 GB/s on a 2-core Zen 4 that reads 25-30 GB/s, and a 0.5B decode step
-took 180 ms at batch 1.  ``skinny.c`` reads each weight once at about the memory's speed (1 row:
-31 GB/s; 8 rows: 12-17 GB/s against sgemm's 8-11).  It is compiled on first use with the machine's
+1-8 rows it streamed 8.7-10.4 GB/s on a 2-core Zen 4, where ``skinny.c``, which reads each weight
+once, streamed 10.3-16.1 GB/s (``python -m benchmarks.decode_matmul``, benchmarks/RESULTS.md
+session 6: a 0.5B step's matmuls 1.54x faster at 1 row, 1.19x at 4, 1.41x at 8).  It is compiled on first use with the machine's
 C compiler (the one ``mx.compile`` already needs on a CPU) into the user cache, keyed by the
 source, the flags and the CPU, and called through ctypes on the arrays' memory.
 
@@ -26,7 +26,7 @@ from typing import Optional
 import mlx.core as mx
 import numpy as np
 
-from .blas import OFF_VALUES
+from .blas import switched_off
 
 ENV_VAR = "FASTVLM_MLX_SKINNY"
 MAX_ROWS = 8  # above this sgemm is as fast (the kernel keeps at most 8 rows of x per pass)
@@ -38,7 +38,7 @@ _kernel = None  # the ctypes function once built; False once building failed or 
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV_VAR, "").strip().lower() not in OFF_VALUES
+    return not switched_off(ENV_VAR)
 
 
 def _cpu_identity() -> str:
