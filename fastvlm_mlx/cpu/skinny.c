@@ -9,8 +9,18 @@
  * -march=native); the vector type is GCC/Clang's portable one, so it compiles to AVX2, AVX-512 or NEON.
  */
 #include <pthread.h>
+#include <time.h>
+#include <unistd.h>
 #include <stddef.h>
 #include <string.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define cpu_relax() __builtin_ia32_pause()
+#elif defined(__aarch64__)
+#define cpu_relax() __asm__ volatile("yield")
+#else
+#define cpu_relax() ((void)0)
+#endif
 
 typedef float v8 __attribute__((vector_size(32)));
 
@@ -77,33 +87,96 @@ struct job {
     int M, N, K, n0, n1;
 };
 
-static void *run(void *arg) {
-    struct job *j = arg;
-    part(j->x, j->w, j->y, j->M, j->N, j->K, j->n0, j->n1);
+static void run(const struct job *j) { part(j->x, j->w, j->y, j->M, j->N, j->K, j->n0, j->n1); }
+
+/* A persistent pool: a decode step makes ~170 of these calls ~30 us apart, and starting a thread per
+ * call cost ~40 us each.  Workers spin briefly for the next call (it usually comes within the spin),
+ * then sleep on a condition variable, so an idle pool costs nothing.  A forked child starts its own. */
+#define MAX_THREADS 64
+#define SPIN_NS 200000L /* how long an idle worker spins before it sleeps */
+
+static struct {
+    pthread_mutex_t lock;
+    pthread_cond_t wake;
+    struct job jobs[MAX_THREADS];
+    volatile unsigned long generation; /* bumped for every call */
+    volatile int pending;              /* workers still busy with this call */
+    int workers;                       /* started so far (threads 1..workers) */
+    pid_t owner;
+} pool;
+
+static long now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000000000L + t.tv_nsec;
+}
+
+struct worker_arg {
+    int index;
+    unsigned long seen; /* the generation when it was started: it takes the calls after that */
+};
+
+static void *worker(void *arg) {
+    int t = ((struct worker_arg *)arg)->index;
+    unsigned long seen = ((struct worker_arg *)arg)->seen;
+    for (;;) {
+        long until = now_ns() + SPIN_NS;
+        for (int i = 0; __atomic_load_n(&pool.generation, __ATOMIC_ACQUIRE) == seen; i++) {
+            cpu_relax();
+            if ((i & 63) == 63 && now_ns() > until) break;
+        }
+        pthread_mutex_lock(&pool.lock);
+        while (__atomic_load_n(&pool.generation, __ATOMIC_ACQUIRE) == seen) pthread_cond_wait(&pool.wake, &pool.lock);
+        pthread_mutex_unlock(&pool.lock);
+        seen = __atomic_load_n(&pool.generation, __ATOMIC_ACQUIRE);
+        if (pool.jobs[t].n1 > pool.jobs[t].n0) run(&pool.jobs[t]);
+        __atomic_sub_fetch(&pool.pending, 1, __ATOMIC_ACQ_REL);
+    }
     return NULL;
 }
 
-#define MAX_THREADS 64
+/* Threads 1..want-1 running (fewer if they cannot be started); returns how many helpers there are. */
+static int ensure_workers(int want) {
+    static struct worker_arg args[MAX_THREADS];
+    if (pool.owner != getpid()) { /* first call, or a forked child: the parent's workers are not here */
+        pool.owner = getpid();
+        pool.workers = 0;
+        pthread_mutex_init(&pool.lock, NULL);
+        pthread_cond_init(&pool.wake, NULL);
+    }
+    while (pool.workers + 1 < want) {
+        pthread_t tid;
+        args[pool.workers + 1] = (struct worker_arg){pool.workers + 1, pool.generation};
+        if (pthread_create(&tid, NULL, worker, &args[pool.workers + 1]) != 0) break;
+        pthread_detach(tid);
+        pool.workers++;
+    }
+    return pool.workers;
+}
+
+static pthread_mutex_t caller = PTHREAD_MUTEX_INITIALIZER; /* one call at a time uses the pool */
 
 /* y = x w^T on up to `threads` threads (the caller's included). */
 void skinny_matmul(const float *x, const float *w, float *y, int M, int N, int K, int threads) {
     if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
-    pthread_t tid[MAX_THREADS];
-    struct job jobs[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
-    int per = ((N + threads - 1) / threads + 7) / 8 * 8;
-    for (int t = 0; t < threads; t++) {
-        int n0 = t * per < N ? t * per : N;
+    pthread_mutex_lock(&caller);
+    int helpers = threads > 1 ? ensure_workers(threads) : 0;
+    int parts = helpers + 1 < threads ? helpers + 1 : threads;
+    int per = ((N + parts - 1) / parts + 7) / 8 * 8;
+    for (int t = 0; t <= helpers; t++) {
+        int n0 = t < parts && t * per < N ? t * per : N;
         int n1 = n0 + per < N ? n0 + per : N;
-        jobs[t] = (struct job){x, w, y, M, N, K, n0, n1};
-        if (t > 0 && n1 > n0) started[t] = pthread_create(&tid[t], NULL, run, &jobs[t]) == 0;
+        pool.jobs[t] = (struct job){x, w, y, M, N, K, n0, n1};
     }
-    run(&jobs[0]);
-    for (int t = 1; t < threads; t++) {
-        if (started[t])
-            pthread_join(tid[t], NULL);
-        else if (jobs[t].n1 > jobs[t].n0)
-            run(&jobs[t]); /* no thread could be started: do its share here */
+    if (helpers > 0) {
+        __atomic_store_n(&pool.pending, helpers, __ATOMIC_RELEASE);
+        pthread_mutex_lock(&pool.lock);
+        __atomic_add_fetch(&pool.generation, 1, __ATOMIC_ACQ_REL);
+        pthread_cond_broadcast(&pool.wake);
+        pthread_mutex_unlock(&pool.lock);
     }
+    run(&pool.jobs[0]);
+    while (__atomic_load_n(&pool.pending, __ATOMIC_ACQUIRE) > 0) cpu_relax();
+    pthread_mutex_unlock(&caller);
 }
