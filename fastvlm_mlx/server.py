@@ -14,6 +14,7 @@ import contextlib
 import io
 import json
 import queue
+import sys
 import threading
 import time
 import uuid
@@ -331,6 +332,8 @@ class GenerationLoop:
         self.stopping = True
         if self.thread.is_alive():
             self.thread.join(timeout)
+        if self.thread.is_alive():  # stuck in a step: say so, rather than leave the exit unexplained
+            print(f"warning: the generation loop did not stop within {timeout:g} s", file=sys.stderr, flush=True)
 
     def submit(self, job: Job) -> None:
         try:
@@ -617,8 +620,6 @@ def create_app(model, processor, cfg: ServerConfig, model_id: str):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    import sys
-
     import typer
 
     from . import distributed
@@ -682,6 +683,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main())

@@ -115,6 +115,64 @@ def test_few_row_matmul_matches_float64():
     assert (mx.abs(skinny.matmul(x, w) - x @ w.T).max() <= 1e-5 * mx.abs(x @ w.T).max()).item()
 
 
+def _raw_products(fn, cases, threads):
+    """The kernel's products for (x, w) pairs, called straight through ctypes with ``threads`` threads."""
+    out = []
+    for x, w in cases:
+        y = np.empty((x.shape[0], w.shape[0]), np.float32)
+        fn(x.ctypes.data, w.ctypes.data, y.ctypes.data, x.shape[0], w.shape[0], x.shape[1], threads)
+        out.append(y)
+    return out
+
+
+def test_few_row_matmul_pool_under_threads_and_fork():
+    """The kernel's worker pool: calls from several Python threads at once, with a thread count that
+    grows and shrinks the pool, and a forked child (which has none of the parent's workers) all give
+    the float64 products."""
+    import os
+    import threading
+    import time
+
+    from fastvlm_mlx.cpu import skinny
+
+    fn = skinny.kernel()
+    assert fn is not None, "the kernel could not be built (is there a C compiler?)"
+    rng = np.random.default_rng(5)
+    cases = [(rng.normal(size=(r, k)).astype(np.float32), rng.normal(size=(n, k)).astype(np.float32))
+             for r, n, k in ((1, 901, 64), (8, 77, 33), (3, 1000, 896), (5, 9, 8))]
+    refs = [x.astype(np.float64) @ w.astype(np.float64).T for x, w in cases]
+
+    def close(outs):
+        return all(np.abs(o - r).max() <= 1e-5 * np.abs(r).max() for o, r in zip(outs, refs))
+
+    results = {}
+
+    def caller(i):
+        results[i] = all(close(_raw_products(fn, cases, threads)) for _ in range(20) for threads in (1, 2, 3, 5))
+
+    workers = [threading.Thread(target=caller, args=(i,)) for i in range(4)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(timeout=60)
+    assert results == {i: True for i in range(4)}
+
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 only when its own pool gives the right products
+        os._exit(0 if close(_raw_products(fn, cases, 3)) else 1)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        raise AssertionError("the forked child's kernel call hung")
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
 def test_few_row_matmul_leaves_what_it_does_not_cover_to_mlx():
     from fastvlm_mlx.cpu import skinny
     from fastvlm_mlx.cpu.decoder import CpuLinear

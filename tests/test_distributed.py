@@ -33,7 +33,10 @@ class Ranks:
     def __init__(self, tmp_path, command, n=2, stdin=None, ranks=None):
         self.hostfile = tmp_path / f"hosts-{time.monotonic_ns()}.json"
         self.hostfile.write_text(json.dumps(local_hosts(n)))
-        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", MLX_HOSTFILE=str(self.hostfile))
+        # PYTHONFAULTHANDLER: a rank that crashes (a signal, an abort in native code) prints every thread's
+        # Python stack to its stderr, which the assertions show
+        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1",
+                   MLX_HOSTFILE=str(self.hostfile))
         self.procs = [
             subprocess.Popen([sys.executable, *command], cwd=ROOT, env=dict(env, MLX_RANK=str(r)), text=True,
                              stdin=subprocess.PIPE if stdin is not None and r == 0 else subprocess.DEVNULL,

@@ -5,12 +5,11 @@
  * GEMM and streams it slower (benchmarks/RESULTS.md, session 6).  Here each tile of RB consecutive rows of w is read once
  * and multiplied with up to 8 rows of x held in L1: every w vector load feeds MB multiply-adds and
  * every x load RB of them, with MB * RB independent accumulators to cover the FMA latency.  The rows
- * of w are split between threads.  Built by skinny.py with the machine's C compiler (-O3
+ * of w are split between the caller and a persistent pool of worker threads.  Built by skinny.py with the machine's C compiler (-O3
  * -march=native); the vector type is GCC/Clang's portable one, so it compiles to AVX2, AVX-512 or NEON.
  */
 #include <pthread.h>
 #include <time.h>
-#include <unistd.h>
 #include <stddef.h>
 #include <string.h>
 
@@ -91,7 +90,8 @@ static void run(const struct job *j) { part(j->x, j->w, j->y, j->M, j->N, j->K, 
 
 /* A persistent pool: a decode step makes ~170 of these calls ~30 us apart, and starting a thread per
  * call cost ~40 us each.  Workers spin briefly for the next call (it usually comes within the spin),
- * then sleep on a condition variable, so an idle pool costs nothing.  A forked child starts its own. */
+ * then sleep on a condition variable, so an idle pool costs nothing.  A forked child has none of the
+ * parent's threads: it starts a pool of its own. */
 #define MAX_THREADS 64
 #define SPIN_NS 200000L /* how long an idle worker spins before it sleeps */
 
@@ -102,8 +102,21 @@ static struct {
     volatile unsigned long generation; /* bumped for every call */
     volatile int pending;              /* workers still busy with this call */
     int workers;                       /* started so far (threads 1..workers) */
-    pid_t owner;
-} pool;
+} pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
+
+static pthread_mutex_t caller = PTHREAD_MUTEX_INITIALIZER; /* one call at a time uses the pool */
+
+static void forget_pool_in_child(void) {
+    pthread_mutex_init(&caller, NULL);
+    pthread_mutex_init(&pool.lock, NULL);
+    pthread_cond_init(&pool.wake, NULL);
+    pool.workers = 0;
+    pool.pending = 0;
+}
+
+__attribute__((constructor)) static void register_fork_handler(void) {
+    pthread_atfork(NULL, NULL, forget_pool_in_child);
+}
 
 static long now_ns(void) {
     struct timespec t;
@@ -138,12 +151,6 @@ static void *worker(void *arg) {
 /* Threads 1..want-1 running (fewer if they cannot be started); returns how many helpers there are. */
 static int ensure_workers(int want) {
     static struct worker_arg args[MAX_THREADS];
-    if (pool.owner != getpid()) { /* first call, or a forked child: the parent's workers are not here */
-        pool.owner = getpid();
-        pool.workers = 0;
-        pthread_mutex_init(&pool.lock, NULL);
-        pthread_cond_init(&pool.wake, NULL);
-    }
     while (pool.workers + 1 < want) {
         pthread_t tid;
         args[pool.workers + 1] = (struct worker_arg){pool.workers + 1, pool.generation};
@@ -153,8 +160,6 @@ static int ensure_workers(int want) {
     }
     return pool.workers;
 }
-
-static pthread_mutex_t caller = PTHREAD_MUTEX_INITIALIZER; /* one call at a time uses the pool */
 
 /* y = x w^T on up to `threads` threads (the caller's included). */
 void skinny_matmul(const float *x, const float *w, float *y, int M, int N, int K, int threads) {
