@@ -47,7 +47,11 @@ def picture_folder(folder: Path, n: int, resolution: int) -> Path:
 
 
 def run_ours(model: Path, folder: Path, batch: int, max_tokens: int, ranks: int = 1, parallel: str = "data") -> dict:
-    out = Path(tempfile.mkdtemp(prefix="fastvlm-bench-batch-")) / "out.jsonl"
+    with tempfile.TemporaryDirectory(prefix="fastvlm-bench-batch-") as scratch:
+        return _run_ours(Path(scratch) / "out.jsonl", model, folder, batch, max_tokens, ranks, parallel)
+
+
+def _run_ours(out: Path, model: Path, folder: Path, batch: int, max_tokens: int, ranks: int, parallel: str) -> dict:
     cmd = [sys.executable, "-m", "fastvlm_mlx.batch", "--model", str(model), "--input", str(folder), "--output",
            str(out), "--prompt", PROMPT, "--batch-size", str(batch), "--max-tokens", str(max_tokens)]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -111,20 +115,12 @@ def run_hf(size: str, paths: list, batch: int, max_tokens: int, resolution: int)
     import numpy as np
     import torch
     from PIL import Image
-    from transformers import FastVlmConfig, FastVlmForConditionalGeneration
 
-    from .shapes import prompt_ids, text_config, vision_shape
+    from .peers import build_hf
+    from .shapes import prompt_ids
 
-    torch.manual_seed(0)
-    vshape = vision_shape(size)
-    vision = dict(model_type="timm_wrapper", architecture="fastvit_mci3", hidden_size=2 * vshape["embed_dims"][-1],
-                  do_pooling=True, global_pool="avg",
-                  model_args=dict(inference_mode=True, layers=tuple(vshape["layers"]), embed_dims=tuple(vshape["embed_dims"])))
-    cfg = FastVlmConfig(text_config=dict(model_type="qwen2", **text_config(size)), vision_config=vision,
-                        image_seq_length=(resolution // 64) ** 2)
-    if cfg.image_token_id >= cfg.text_config.vocab_size:  # the smoke vocabulary is tiny
-        cfg.image_token_id = cfg.text_config.vocab_size - 1
-    model = FastVlmForConditionalGeneration(cfg).eval()
+    model = build_hf(size, resolution)
+    cfg = model.config
     pre, post = prompt_ids(cfg.text_config.vocab_size)
     ids = pre + [cfg.image_token_id] * ((resolution // 64) ** 2) + post
 
@@ -196,10 +192,17 @@ def main(argv=None) -> int:
         model = make_checkpoint(a.checkpoint or Path(f"/tmp/fastvlm-bench-{a.model_size}"), a.model_size)
     base = Path(tempfile.gettempdir()) / f"fastvlm-bench-pictures-{a.resolution}"
     folder = picture_folder(base, max(a.images, a.peer_images), a.resolution)
-    ours_folder = Path(tempfile.mkdtemp(prefix="fastvlm-bench-ours-"))
+    with tempfile.TemporaryDirectory(prefix="fastvlm-bench-") as scratch:
+        return _compare(a, argv, model, folder, Path(scratch), peers, sizes)
+
+
+def _compare(a, argv, model: Path, folder: Path, scratch: Path, peers: list, sizes: list) -> int:
+    """Ours and the peers at every batch size, on links to the first pictures of ``folder`` under ``scratch``."""
+    ours_folder, peer_folder = scratch / "ours", scratch / "peer"
+    ours_folder.mkdir()
+    peer_folder.mkdir()
     for x in sorted(folder.glob("*.jpg"))[: a.images]:
         (ours_folder / x.name).symlink_to(x)
-    peer_folder = Path(tempfile.mkdtemp(prefix="fastvlm-bench-peer-"))
     for x in sorted(folder.glob("*.jpg"))[: a.peer_images]:
         (peer_folder / x.name).symlink_to(x)
 

@@ -6,18 +6,17 @@ One decode step multiplies each decoder weight (24 layers of q, k, v, o, gate, u
 projection: 1.98 GB in float32 for 0.5B) by one row per sequence. The weights are random and distinct, so each
 step reads them all from memory, as decoding does. Figures are the best of --reps steps: ms per step, and GB/s of
 weights read. "mlx" is ``x @ w.T`` (sgemm of the BLAS that fastvlm_mlx loads), "ours" is
-``fastvlm_mlx.cpu.skinny.matmul``, "torch" is ``x @ w.T`` in PyTorch (when installed) on the same memory.
+``fastvlm_mlx.cpu.skinny.matmul``, "torch" is ``x @ w.T`` in PyTorch (when installed) with its own BLAS (MKL on
+x86), on weights of the same shapes in a process of its own: in ours, the BLAS that fastvlm_mlx loads for MLX
+would also take PyTorch's matmul calls (it did until session 7, so earlier "torch" figures are OpenBLAS's).
 """
 
 import argparse
+import importlib.util
 import json
+import subprocess
+import sys
 import time
-
-import fastvlm_mlx  # noqa: F401 - first, so that MLX binds to the optimized BLAS
-import mlx.core as mx
-import numpy as np
-
-from fastvlm_mlx.cpu import skinny
 
 from .shapes import text_config
 
@@ -41,40 +40,74 @@ def best_step(matmuls, reps: int) -> float:
     return min(times)
 
 
+def torch_steps(size: str, rows: list, reps: int) -> dict:
+    """{rows: seconds} of PyTorch's step, measured in a child process that never loads fastvlm_mlx's BLAS
+    ({} without PyTorch)."""
+    if importlib.util.find_spec("torch") is None:
+        return {}
+    cmd = [sys.executable, "-m", "benchmarks.decode_matmul", "--torch-worker", "--model-size", size,
+           "--rows", ",".join(map(str, rows)), "--reps", str(reps)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        print(f"torch: {(done.stderr.strip().splitlines() or ['failed'])[-1]}", file=sys.stderr)
+        return {}
+    return {int(r): t for r, t in json.loads(done.stdout.strip().splitlines()[-1]).items()}
+
+
+def torch_worker(size: str, rows: list, reps: int) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    weights = [torch.randn(shape) for shape in decoder_shapes(size)]
+    times = {}
+    for r in rows:
+        x = {w.shape[1]: torch.randn(r, w.shape[1]) for w in weights}
+        with torch.inference_mode():
+            times[r] = best_step(lambda: [x[w.shape[1]] @ w.T for w in weights], reps)
+    print(json.dumps(times))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-size", default="0.5B")
     parser.add_argument("--rows", default="1,4,8", help="rows per matmul (sequences decoding together)")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    rows_list = [int(r) for r in args.rows.split(",")]
+    if args.torch_worker:
+        return torch_worker(args.model_size, rows_list, args.reps)
+
+    import fastvlm_mlx  # noqa: F401 - before mlx.core, so that MLX binds to the optimized BLAS
+    import mlx.core as mx
+    import numpy as np
+
+    from fastvlm_mlx.cpu import skinny
+
     mx.set_default_device(mx.cpu)
     mx.random.seed(0)
     weights = [mx.random.normal(shape) for shape in decoder_shapes(args.model_size)]
     mx.eval(weights)
     nbytes = sum(w.nbytes for w in weights)
-    try:
-        import torch
-
-        torch_weights = [torch.from_numpy(np.asarray(w)) for w in weights]  # the same memory
-    except ImportError:
-        torch_weights = None
     assert skinny.kernel() is not None, "the kernel could not be built"
     print(json.dumps({"benchmark": "decode-matmul", "model_size": args.model_size, "weights_gb": round(nbytes / 1e9, 3),
                       "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "reps": args.reps}))
-    for rows in (int(r) for r in args.rows.split(",")):
+    torch_seconds = {}
+    for rows in rows_list:
         x = {w.shape[1]: mx.random.normal((rows, w.shape[1])) for w in weights}
         mx.eval(list(x.values()))
         cases = {
             "mlx": lambda: mx.eval([x[w.shape[1]] @ w.T for w in weights]),
             "ours": lambda: [skinny.matmul(x[w.shape[1]], w) for w in weights],
         }
-        if torch_weights is not None:
-            tx = {k: torch.from_numpy(np.asarray(v)) for k, v in x.items()}
-            cases["torch"] = lambda: [tx[w.shape[1]] @ w.T for w in torch_weights]
         result = {"rows": rows}
-        for name, matmuls in cases.items():
-            seconds = best_step(matmuls, args.reps)
-            result[name] = {"ms": round(seconds * 1e3, 1), "gb_per_s": round(nbytes / seconds / 1e9, 1)}
+        seconds = {name: best_step(matmuls, args.reps) for name, matmuls in cases.items()}
+        if rows == rows_list[0]:  # after MLX's timings, so the child process does not share the cores with them
+            torch_seconds = torch_steps(args.model_size, rows_list, args.reps)
+        if rows in torch_seconds:
+            seconds["torch"] = torch_seconds[rows]
+        for name, t in seconds.items():
+            result[name] = {"ms": round(t * 1e3, 1), "gb_per_s": round(nbytes / t / 1e9, 1)}
         for name in ("mlx", "torch"):
             if name in result:
                 result[f"ours_vs_{name}"] = round(result[name]["ms"] / result["ours"]["ms"], 2)

@@ -11,7 +11,7 @@ position's logits (``logits_to_keep=1``) and runs synchronously.
 
 import time
 
-from .shapes import prompt_ids, text_config, vision_shape
+from .shapes import prompt_ids, text_config, timm_init, vision_shape
 
 
 def bench_mlxvlm(spec: dict) -> dict:
@@ -39,6 +39,7 @@ def bench_mlxvlm(spec: dict) -> dict:
         mm_hidden_size=2 * vshape["embed_dims"][-1],
     )
     model = Model(cfg)
+    timm_init(model.vision_tower)
     model.set_dtype(dtype)
     if spec["q_bits"]:
         nn.quantize(model.language_model, group_size=64, bits=spec["q_bits"])
@@ -84,29 +85,49 @@ def bench_mlxvlm(spec: dict) -> dict:
     return dict(runs=runs, load_ms=load_ms, info=dict(blas=blas, load="build + materialize random weights"))
 
 
-def bench_hf(spec: dict) -> dict:
+def build_hf(size: str, resolution: int):
+    """transformers' ``FastVlmForConditionalGeneration`` with random weights on the real shapes, in eval mode.
+
+    The vision tower gets PyTorch's default initialisation (what ``timm.create_model`` gives its convolutions)
+    in place of transformers' normal(0, 0.02): with that, the tower's activations shrink through subnormal
+    floats to zero by stage 2, and PyTorch's CPU kernels compute subnormals up to 10x slower on Intel CPUs
+    (42 s against 3.8 s for one 1024 px image on a 2-core Xeon, benchmarks/RESULTS.md session 7), a cost that
+    no trained checkpoint has.
+    """
     import torch
     from transformers import FastVlmConfig, FastVlmForConditionalGeneration
 
-    if spec["q_bits"]:
-        raise RuntimeError("quantized transformers runs are not implemented")
-    dev = "cuda" if spec["device"] == "gpu" else "cpu"
-    dtype = getattr(torch, spec["dtype"])
-    size, res = spec["size"], spec["resolution"]
     vshape = vision_shape(size)
     torch.manual_seed(0)
-
-    t0 = time.perf_counter()
     vision = dict(
         model_type="timm_wrapper", architecture="fastvit_mci3", hidden_size=2 * vshape["embed_dims"][-1],
         do_pooling=True, global_pool="avg",
         model_args=dict(inference_mode=True, layers=tuple(vshape["layers"]), embed_dims=tuple(vshape["embed_dims"])),
     )
     cfg = FastVlmConfig(text_config=dict(model_type="qwen2", **text_config(size)), vision_config=vision,
-                        image_seq_length=(res // 64) ** 2)
+                        image_seq_length=(resolution // 64) ** 2)
     if cfg.image_token_id >= cfg.text_config.vocab_size:  # the smoke vocabulary is tiny
         cfg.image_token_id = cfg.text_config.vocab_size - 1
-    model = FastVlmForConditionalGeneration(cfg).to(dtype).to(dev).eval()
+    model = FastVlmForConditionalGeneration(cfg)
+    with torch.no_grad():
+        for module in model.model.vision_tower.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    return model.eval()
+
+
+def bench_hf(spec: dict) -> dict:
+    import torch
+
+    if spec["q_bits"]:
+        raise RuntimeError("quantized transformers runs are not implemented")
+    dev = "cuda" if spec["device"] == "gpu" else "cpu"
+    dtype = getattr(torch, spec["dtype"])
+    size, res = spec["size"], spec["resolution"]
+
+    t0 = time.perf_counter()
+    model = build_hf(size, res).to(dtype).to(dev)
+    cfg = model.config
     load_ms = (time.perf_counter() - t0) * 1e3
 
     pre, post = prompt_ids(cfg.text_config.vocab_size)

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 
-from .shapes import PRE, prompt_ids, rss_peak_gb, summarize, text_config, vision_shape
+from .shapes import PRE, prompt_ids, rss_peak_gb, summarize, text_config, timm_init, vision_shape
 
 MARK = "BENCH_RESULT "
 FIGURES = ["vision_ms", "ttft_ms", "prefill_tps", "decode_tps", "peak_gb", "rss_gb"]
@@ -80,6 +80,7 @@ def bench_ours(spec: dict) -> dict:
     vcfg = VisionConfig(layers=list(vshape["layers"]), embed_dims=list(vshape["embed_dims"]), image_size=res)
     cfg = ModelConfig(vision_config=vcfg, text_config=text_config(size), mm_hidden_size=vcfg.out_dim)
     model = FastVLM(cfg)
+    timm_init(model.vision_tower)
     model.set_dtype(dtype)
     if spec["q_bits"]:
         nn.quantize(model.language_model, group_size=64, bits=spec["q_bits"])

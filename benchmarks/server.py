@@ -30,18 +30,23 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "format_c"
+WEIGHTS_MARK = "benchmark-weights.txt"
 
 
 def make_checkpoint(path: Path, size: str) -> Path:
-    """A full-size FastVLM in mlx-vlm's format with random weights (written once, reused)."""
+    """A full-size FastVLM in mlx-vlm's format with random weights (written once, reused); its vision tower
+    has timm's initialisation (``shapes.timm_init``), which the file WEIGHTS_MARK records."""
     if (path / "config.json").is_file():
+        if not (path / WEIGHTS_MARK).is_file():
+            raise SystemExit(f"error: {path} was written by an older benchmark, whose vision weights run through "
+                             "subnormal floats: delete it and run again")
         return path
     import mlx.core as mx
     from mlx_vlm.models.fastvlm.config import ModelConfig, TextConfig, VisionConfig
     from mlx_vlm.models.fastvlm.fastvlm import Model
     from mlx_vlm.utils import save_config, save_weights
 
-    from .shapes import text_config
+    from .shapes import text_config, timm_init
 
     config = json.loads((FIXTURE / "config.json").read_text())
     text = text_config(size)
@@ -54,11 +59,13 @@ def make_checkpoint(path: Path, size: str) -> Path:
     vcfg = VisionConfig(image_size=1024)
     model = Model(ModelConfig(text_config=TextConfig(model_type="qwen2", **text), vision_config=vcfg,
                               model_type="llava_qwen2", mm_hidden_size=3072))
+    timm_init(model.vision_tower)
     mx.eval(model.parameters())
     tmp = path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     save_weights(tmp, model)
     save_config(config, tmp / "config.json")
+    (tmp / WEIGHTS_MARK).write_text("vision tower: benchmarks.shapes.timm_init\n")
     for f in FIXTURE.iterdir():
         if f.name not in ("config.json", "model.safetensors"):
             shutil.copy(f, tmp / f.name)

@@ -28,6 +28,32 @@ def vision_shape(size: str) -> dict:
     return SMOKE_VISION if size == "smoke" else FASTVITHD
 
 
+def timm_init(tower) -> None:
+    """Give an MLX FastViTHD (ours or mlx-vlm's) the random weights timm's construction gives, in place.
+
+    MLX initialises biases to 0 where PyTorch draws them uniform in +-1/sqrt(fan_in), and ours and mlx-vlm's
+    layer scales start at 1 where timm's start at 1e-5. With MLX's defaults the tower's activations shrink to
+    1e-12 by stage 2, through subnormal floats, which x86 CPUs compute many times slower (benchmarks/RESULTS.md,
+    session 7): a cost no trained checkpoint has. The weights keep MLX's init, the same distribution as PyTorch's.
+    """
+    import math
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    params = dict(tree_flatten(tower.parameters()))
+    new = {}
+    for key, value in params.items():
+        if key.rsplit(".", 1)[-1].startswith("layer_scale"):
+            new[key] = mx.full(value.shape, 1e-5, value.dtype)
+        elif key.endswith(".bias"):
+            weight = params.get(key[: -len("bias")] + "weight")
+            if weight is not None and weight.ndim >= 2:  # a convolution or linear layer, not a norm
+                bound = math.prod(weight.shape[1:]) ** -0.5
+                new[key] = mx.random.uniform(-bound, bound, value.shape).astype(value.dtype)
+    tower.update(tree_unflatten(list(new.items())))
+
+
 def prompt_ids(vocab_size: int, seed: int = 0):
     """Random text ids for the PRE and POST parts (the same for every system)."""
     import random

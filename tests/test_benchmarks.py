@@ -1,5 +1,6 @@
 """CI smoke test of the benchmark suite: ``python -m benchmarks.run --smoke`` runs and reports sane JSON."""
 
+import importlib.util
 import json
 
 from conftest import run_cli
@@ -74,3 +75,35 @@ def test_decode_matmul_smoke_run_reports_each_system():
     assert lines[0]["benchmark"] == "decode-matmul" and lines[0]["weights_gb"] > 0
     assert [line["rows"] for line in lines[1:]] == [1, 3]
     assert all(line["ours"]["ms"] > 0 and line["mlx"]["gb_per_s"] > 0 and line["ours_vs_mlx"] > 0 for line in lines[1:])
+    if importlib.util.find_spec("torch") is not None:  # PyTorch's figure comes from a process of its own
+        assert all(line["torch"]["ms"] > 0 and line["ours_vs_torch"] > 0 for line in lines[1:])
+
+
+def test_timm_init_gives_the_random_weights_timm_starts_from():
+    """Layer scales 1e-5 (timm's layer_scale_init_value) and conv/linear biases uniform in +-1/sqrt(fan_in)
+    (PyTorch's default), where MLX starts them at 1 and 0; weights and norms are left alone."""
+    import math
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from benchmarks.shapes import SMOKE_VISION, timm_init
+    from fastvlm_mlx.vision import FastViTHD, VisionConfig
+
+    mx.random.seed(0)
+    tower = FastViTHD(VisionConfig(layers=list(SMOKE_VISION["layers"]), embed_dims=list(SMOKE_VISION["embed_dims"]),
+                                   image_size=128))
+    before = dict(tree_flatten(tower.parameters()))
+    timm_init(tower)
+    after = dict(tree_flatten(tower.parameters()))
+    assert after.keys() == before.keys()
+    scales = [k for k in after if k.rsplit(".", 1)[-1].startswith("layer_scale")]
+    biases = [k for k in after if k.endswith(".bias") and before[k[:-4] + "weight"].ndim >= 2]
+    assert len(scales) >= 5 and len(biases) >= 10
+    for k in scales:
+        assert (after[k] == 1e-5).all().item(), k
+    for k in biases:
+        bound = 1 / math.sqrt(math.prod(before[k[:-4] + "weight"].shape[1:]))
+        assert (mx.abs(after[k]) <= bound).all().item() and mx.abs(after[k]).max().item() > 0.3 * bound, k
+    for k in set(after) - set(scales) - set(biases):
+        assert mx.array_equal(after[k], before[k]).item(), k
