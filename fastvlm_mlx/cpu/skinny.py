@@ -4,9 +4,12 @@ Decoding reads every decoder weight once per step, so its speed is the speed at 
 streams the weights.  MLX's CPU matmul is BLAS sgemm, which packs the weight for a big GEMM: with
 1-8 rows it streamed 8.7-10.4 GB/s on a 2-core Zen 4, where ``skinny.c``, which reads each weight
 once, streamed 10.3-16.1 GB/s (``python -m benchmarks.decode_matmul``, benchmarks/RESULTS.md
-session 6: a 0.5B step's matmuls 1.54x faster at 1 row, 1.19x at 4, 1.41x at 8).  It is compiled on first use with the machine's
+session 6: a 0.5B step's matmuls 1.54x faster at 1 row, 1.19x at 4, 1.41x at 8; session 7, on a 2-core
+Xeon: 2.3x, 2.3x and 1.9x, and level with PyTorch's MKL at 1 row).  It is compiled on first use with the machine's
 C compiler (the one ``mx.compile`` already needs on a CPU) into the user cache, keyed by the
-source, the flags and the CPU, and called through ctypes on the arrays' memory.
+source, the flags and the CPU, and called through ctypes on the arrays' memory.  Each call splits the weight
+rows over a persistent pool of threads in ``skinny.c``: a decode step makes ~170 calls, and a thread started
+per call cost more than the smaller products themselves.
 
 Where it cannot be built (no compiler) the decoder warns once and keeps MLX's matmul.
 Environment variable FASTVLM_MLX_SKINNY: ``0``/``off``/``false``/``no`` keeps MLX's matmul.
