@@ -111,25 +111,27 @@ def test_cpu_layer_only_for_float32():
 
 
 def test_without_a_compiler_decoding_warns_once_and_keeps_mlx_matmul(reference, monkeypatch, tmp_path):
-    """Where skinny.c cannot be built, loading says so once and the answer is still the transformers
-    reference's; FASTVLM_MLX_SKINNY=0 turns the kernel off without a word."""
+    """Where the C kernels cannot be built, loading says so once and the answer is still the transformers
+    reference's (MLX's matmul and attention_cpu take over); FASTVLM_MLX_SKINNY=0 turns the kernel off without a word."""
     import warnings
 
     import pytest
 
     from fastvlm_mlx import generate
-    from fastvlm_mlx.cpu import skinny
+    from fastvlm_mlx.cpu import attention, native, skinny
 
     arrays, _ = reference
-    monkeypatch.setattr(skinny, "_kernel", None)
+    for module, name in ((skinny, "_kernel"), (attention, "_kernel"), (native, "_library")):
+        monkeypatch.setattr(module, name, None)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    with pytest.warns(UserWarning, match="could not build skinny.c"):
+    with pytest.warns(UserWarning, match="could not build the C kernels"):
         model, processor = load(str(FIXTURES / "format_a"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load(str(FIXTURES / "format_a"))
     assert skinny.matmul(mx.ones((1, 4)), mx.ones((3, 4))) is None
+    assert attention.kernel() is None
     text = generate(model, processor, "Describe the image.", image=str(PHOTO), max_tokens=16)
     assert text == processor.tokenizer.decode(arrays["greedy_tokens"].tolist())
     assert not list(tmp_path.glob("fastvlm_mlx/*.so"))  # nothing half-built left behind

@@ -65,6 +65,58 @@ def test_causal_grouped_attention_matches_mlx():
         assert (mx.abs(out - ref).max() / mx.abs(ref).max()).item() < 1e-6, mask
 
 
+def _attention64(q, k, v, scale, causal):
+    """softmax(q k^T scale) v in float64, grouped-query heads, causal as mx.fast's (the last L of S positions)."""
+    q, k, v = (np.array(a, dtype=np.float64) for a in (q, k, v))
+    group, length, keys = q.shape[1] // k.shape[1], q.shape[2], k.shape[2]
+    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+    scores = q @ k.swapaxes(-1, -2) * scale
+    if causal:
+        scores = np.where(np.arange(keys)[None] > np.arange(keys - length, keys)[:, None], -np.inf, scores)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    return (weights / weights.sum(-1, keepdims=True)) @ v
+
+
+def test_blocked_attention_kernel_matches_float64_attention():
+    """attention.c over several blocks of query rows and ragged tails: the tower's shape (24 heads of 32 over
+    1024 positions), a grouped causal prefill after a cached prefix, odd sizes, logits large enough to overflow
+    a naive exponential, and calls from several threads at once.  kernels.attention takes this path."""
+    import threading
+
+    from fastvlm_mlx.cpu import blas
+    from fastvlm_mlx.cpu.attention import blocked_attention
+
+    if blas.loaded is None:
+        import pytest
+
+        pytest.skip("attention.c calls the optimized BLAS, and none is installed (apt-get install libopenblas0-pthread)")
+    mx.random.seed(6)
+    cases = [((1, 24, 1024, 32), (1, 24, 1024, 32), False, 1.0), ((2, 14, 37, 64), (2, 2, 300, 64), True, 2.0),
+             ((1, 3, 5, 17), (1, 3, 9, 17), False, 1.0), ((1, 6, 7, 8), (1, 2, 7, 8), True, 40.0)]
+    for q_shape, kv_shape, causal, size in cases:
+        q, k, v = mx.random.normal(q_shape) * size, mx.random.normal(kv_shape), mx.random.normal(kv_shape)
+        ref = _attention64(q, k, v, 0.3, causal)
+        out = blocked_attention(q, k, v, 0.3, causal)
+        assert out is not None and out.shape == q.shape
+        assert np.abs(np.array(out) - ref).max() <= 3e-6 * np.abs(ref).max(), (q_shape, causal)
+        assert (mx.abs(cpu_math.attention(q, k, v, 0.3, causal) - out).max() == 0).item()
+
+    q, k, v = (mx.random.normal((1, 4, 300, 16)) for _ in range(3))
+    ref = _attention64(q, k, v, 0.5, True)
+    results = {}
+
+    def caller(i):
+        results[i] = all(np.abs(np.array(blocked_attention(q, k, v, 0.5, True)) - ref).max() <= 3e-6 * np.abs(ref).max()
+                         for _ in range(10))
+
+    callers = [threading.Thread(target=caller, args=(i,)) for i in range(3)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join(timeout=60)
+    assert results == {i: True for i in range(3)}
+
+
 def test_decoder_layers_match_mlx_lm_with_a_cached_prefix(monkeypatch):
     """mlx-lm's Qwen2 with the CPU variants (attention, SiLU gate, the few-row matmul of every linear layer
     and of the tied output projection) gives mlx-lm's own outputs for a batch of 3: a prefill, a multi-token

@@ -25,7 +25,7 @@ SWITCHES = {
     "FASTVLM_MLX_CPU": "0/off/none/false/no: run the plain model on the CPU too, without the CPU variants",
     "FASTVLM_MLX_CPU_STREAMS": "1: keep the vision tower in one CPU stream (vision.py)",
     "FASTVLM_MLX_SKINNY": "0/off/none/false/no: decode with MLX's matmul, not the compiled few-row kernel (skinny.py)",
-    "FASTVLM_MLX_DEPTHWISE": "native, shift or toeplitz (default): the CPU depthwise-conv path (depthwise.py)",
+    "FASTVLM_MLX_DEPTHWISE": "compiled (default), native, shift or toeplitz: the CPU depthwise-conv path (depthwise.py)",
 }
 
 CPU_ENV = "FASTVLM_MLX_CPU"

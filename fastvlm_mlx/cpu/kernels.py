@@ -21,6 +21,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.activations import swiglu as mlx_lm_swiglu
 
+from .attention import blocked_attention
+
 
 def _estrin(coeffs, u: mx.array) -> mx.array:
     """sum(c_i * u**i) for up to 8 ascending coefficients: 3 multiply-add tiers deep, where Horner needs one per degree."""
@@ -170,7 +172,9 @@ def on_cpu_float32(x: mx.array) -> bool:
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool = False) -> mx.array:
-    """Scaled dot-product attention over (B, heads, N, head_dim): MLX's fused op except float32 on the CPU."""
+    """Scaled dot-product attention over (B, heads, N, head_dim): MLX's fused op except float32 on the CPU,
+    where ``attention.c`` computes it (``attention_cpu`` where that cannot run)."""
     if not on_cpu_float32(q):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if causal else None)
-    return attention_cpu(q, k, v, scale, causal)
+    out = blocked_attention(q, k, v, scale, causal)
+    return attention_cpu(q, k, v, scale, causal) if out is None else out

@@ -5,21 +5,13 @@
  * GEMM and streams it slower (benchmarks/RESULTS.md, session 6).  Here each tile of RB consecutive rows of w is read once
  * and multiplied with up to 8 rows of x held in L1: every w vector load feeds MB multiply-adds and
  * every x load RB of them, with MB * RB independent accumulators to cover the FMA latency.  The rows
- * of w are split between the caller and a persistent pool of worker threads.  Built by skinny.py with the machine's C compiler (-O3
- * -march=native); the vector type is GCC/Clang's portable one, so it compiles to AVX2, AVX-512 or NEON.
+ * of w are split between the caller and the worker threads of pool.c.  Built by native.py with the machine's C
+ * compiler (-O3 -march=native); the vector type is GCC/Clang's portable one, so it compiles to AVX2, AVX-512 or NEON.
  */
-#include <pthread.h>
-#include <time.h>
 #include <stddef.h>
 #include <string.h>
 
-#if defined(__x86_64__) || defined(__i386__)
-#define cpu_relax() __builtin_ia32_pause()
-#elif defined(__aarch64__)
-#define cpu_relax() __asm__ volatile("yield")
-#else
-#define cpu_relax() ((void)0)
-#endif
+#include "pool.h"
 
 typedef float v8 __attribute__((vector_size(32)));
 
@@ -83,105 +75,20 @@ static void part(const float *x, const float *w, float *y, int M, int N, int K, 
 struct job {
     const float *x, *w;
     float *y;
-    int M, N, K, n0, n1;
+    int M, N, K;
 };
 
-static void run(const struct job *j) { part(j->x, j->w, j->y, j->M, j->N, j->K, j->n0, j->n1); }
-
-/* A persistent pool: a decode step makes ~170 of these calls ~30 us apart, and starting a thread per
- * call cost ~40 us each.  Workers spin briefly for the next call (it usually comes within the spin),
- * then sleep on a condition variable, so an idle pool costs nothing.  A forked child has none of the
- * parent's threads: it starts a pool of its own. */
-#define MAX_THREADS 64
-#define SPIN_NS 200000L /* how long an idle worker spins before it sleeps */
-
-static struct {
-    pthread_mutex_t lock;
-    pthread_cond_t wake;
-    struct job jobs[MAX_THREADS];
-    volatile unsigned long generation; /* bumped for every call */
-    volatile int pending;              /* workers still busy with this call */
-    int workers;                       /* started so far (threads 1..workers) */
-} pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
-
-static pthread_mutex_t caller = PTHREAD_MUTEX_INITIALIZER; /* one call at a time uses the pool */
-
-static void forget_pool_in_child(void) {
-    pthread_mutex_init(&caller, NULL);
-    pthread_mutex_init(&pool.lock, NULL);
-    pthread_cond_init(&pool.wake, NULL);
-    pool.workers = 0;
-    pool.pending = 0;
-}
-
-__attribute__((constructor)) static void register_fork_handler(void) {
-    pthread_atfork(NULL, NULL, forget_pool_in_child);
-}
-
-static long now_ns(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec * 1000000000L + t.tv_nsec;
-}
-
-struct worker_arg {
-    int index;
-    unsigned long seen; /* the generation when it was started: it takes the calls after that */
-};
-
-static void *worker(void *arg) {
-    int t = ((struct worker_arg *)arg)->index;
-    unsigned long seen = ((struct worker_arg *)arg)->seen;
-    for (;;) {
-        long until = now_ns() + SPIN_NS;
-        for (int i = 0; __atomic_load_n(&pool.generation, __ATOMIC_ACQUIRE) == seen; i++) {
-            cpu_relax();
-            if ((i & 63) == 63 && now_ns() > until) break;
-        }
-        pthread_mutex_lock(&pool.lock);
-        while (__atomic_load_n(&pool.generation, __ATOMIC_ACQUIRE) == seen) pthread_cond_wait(&pool.wake, &pool.lock);
-        pthread_mutex_unlock(&pool.lock);
-        seen = __atomic_load_n(&pool.generation, __ATOMIC_ACQUIRE);
-        if (pool.jobs[t].n1 > pool.jobs[t].n0) run(&pool.jobs[t]);
-        __atomic_sub_fetch(&pool.pending, 1, __ATOMIC_ACQ_REL);
-    }
-    return NULL;
-}
-
-/* Threads 1..want-1 running (fewer if they cannot be started); returns how many helpers there are. */
-static int ensure_workers(int want) {
-    static struct worker_arg args[MAX_THREADS];
-    while (pool.workers + 1 < want) {
-        pthread_t tid;
-        args[pool.workers + 1] = (struct worker_arg){pool.workers + 1, pool.generation};
-        if (pthread_create(&tid, NULL, worker, &args[pool.workers + 1]) != 0) break;
-        pthread_detach(tid);
-        pool.workers++;
-    }
-    return pool.workers;
+/* Part t of `parts` takes one slice of the rows of w, a multiple of 8 rows long. */
+static void run_part(void *arg, int t, int parts) {
+    const struct job *j = arg;
+    int per = ((j->N + parts - 1) / parts + 7) / 8 * 8;
+    int n0 = t * per < j->N ? t * per : j->N;
+    int n1 = n0 + per < j->N ? n0 + per : j->N;
+    if (n1 > n0) part(j->x, j->w, j->y, j->M, j->N, j->K, n0, n1);
 }
 
 /* y = x w^T on up to `threads` threads (the caller's included). */
 void skinny_matmul(const float *x, const float *w, float *y, int M, int N, int K, int threads) {
-    if (threads < 1) threads = 1;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    pthread_mutex_lock(&caller);
-    int helpers = threads > 1 ? ensure_workers(threads) : 0;
-    int parts = helpers + 1 < threads ? helpers + 1 : threads;
-    int per = ((N + parts - 1) / parts + 7) / 8 * 8;
-    for (int t = 0; t <= helpers; t++) {
-        int n0 = t < parts && t * per < N ? t * per : N;
-        int n1 = n0 + per < N ? n0 + per : N;
-        pool.jobs[t] = (struct job){x, w, y, M, N, K, n0, n1};
-    }
-    if (helpers > 0) {
-        __atomic_store_n(&pool.pending, helpers, __ATOMIC_RELEASE);
-        pthread_mutex_lock(&pool.lock);
-        __atomic_add_fetch(&pool.generation, 1, __ATOMIC_ACQ_REL);
-        pthread_cond_broadcast(&pool.wake);
-        pthread_mutex_unlock(&pool.lock);
-    }
-    run(&pool.jobs[0]);
-    while (__atomic_load_n(&pool.pending, __ATOMIC_ACQUIRE) > 0) cpu_relax();
-    pthread_mutex_unlock(&caller);
+    struct job j = {x, w, y, M, N, K};
+    pool_run(run_part, &j, threads);
 }

@@ -4,11 +4,11 @@
 - depthwise convs as BLAS matmuls (``depthwise.depthwise_conv2d``);
 - the conv stages channels-first (NCHW), where those matmuls and the 1x1 convs (``weight @ x``) need
   no transposes (15-25% faster per block), the stem's 3x3 conv as one im2col GEMM;
-- GELU and the attention softmax from ``kernels`` (vectorizable where MLX's own are scalar);
-- the work split over two MLX CPU streams: MLX runs each stream on its own thread, and its CPU
-  reductions, fused elementwise kernels and small matmuls are single-threaded.  The attention heads
-  are split in halves, and so is each conv-stage block, whose GEMMs then run with one BLAS thread per
-  stream (``FASTVLM_MLX_CPU_STREAMS=1`` keeps one stream).
+- GELU from ``kernels`` (vectorizable where MLX's own is scalar), attention from ``kernels`` (the
+  compiled ``attention.c``, which spreads the heads over the cores);
+- each conv-stage block split over two MLX CPU streams: MLX runs each stream on its own thread, and its
+  CPU reductions, fused elementwise kernels and small matmuls are single-threaded.  The block's GEMMs then
+  run with one BLAS thread per stream (``FASTVLM_MLX_CPU_STREAMS=1`` keeps one stream).
 
 The attention stages, the final conv and the output stay channels-last, as in the plain tower.
 """
@@ -43,18 +43,6 @@ def _second_cpu_stream() -> mx.Stream:
 def two_cpu_streams() -> bool:
     """Whether work is split over two CPU streams (unless FASTVLM_MLX_CPU_STREAMS=1)."""
     return os.environ.get(_STREAMS_ENV, "2").strip() != "1"
-
-
-def in_two_streams(fn, *arrays: mx.array, axis: int) -> mx.array:
-    """``fn(*arrays)`` for an ``fn`` that is independent along ``axis``: each half in its own CPU stream."""
-    n = arrays[0].shape[axis]
-    if n < 2 or not two_cpu_streams():
-        return fn(*arrays)
-    half = n // 2
-    first = fn(*(mx.split(a, [half], axis=axis)[0] for a in arrays))
-    with mx.stream(_second_cpu_stream()):
-        second = fn(*(mx.split(a, [half], axis=axis)[1] for a in arrays))
-    return mx.concatenate([first, second], axis=axis)
 
 
 # ------------------------------------------------------------------------------- layout helpers
@@ -138,12 +126,12 @@ def _repmixer_block_in_two_streams(block: RepMixerBlock, x: mx.array) -> mx.arra
 
 
 def attention_block(block: AttentionBlock, x: mx.array) -> mx.array:
-    """NHWC; the attention heads are independent, so they are split over the two streams."""
+    """NHWC; ``kernels.attention`` spreads the heads over the cores itself."""
     attn = block.token_mixer
     b, h, w, c = x.shape
     qkv = attn.qkv(block.norm(x).reshape(b, h * w, c))
     qkv = qkv.reshape(b, h * w, 3, attn.num_heads, -1).transpose(2, 0, 3, 1, 4)
-    out = in_two_streams(lambda q, k, v: attention(q, k, v, attn.scale), qkv[0], qkv[1], qkv[2], axis=1)
+    out = attention(qkv[0], qkv[1], qkv[2], attn.scale)
     x = x + block.layer_scale_1 * attn.proj(out.transpose(0, 2, 1, 3).reshape(b, h, w, c))
     return x + block.layer_scale_2 * conv_ffn(block.mlp, x, False)
 
