@@ -117,6 +117,48 @@ def test_blocked_attention_kernel_matches_float64_attention():
     assert results == {i: True for i in range(3)}
 
 
+def test_fused_pointwise_mlp_matches_float64():
+    """mlp.c's residual + scale * fc2(gelu(fc1(x))) in both layouts, over several blocks of positions with a
+    ragged tail and a batch of 2, against float64 with the exact erf GELU; the tower takes this path."""
+    from fastvlm_mlx.cpu import blas
+    from fastvlm_mlx.cpu import vision as cpu_vision
+    from fastvlm_mlx.cpu.mlp import fused_mlp
+
+    if blas.loaded is None:
+        import pytest
+
+        pytest.skip("mlp.c calls the optimized BLAS, and none is installed (apt-get install libopenblas0-pthread)")
+    erf = np.vectorize(math.erf)
+    mx.random.seed(7)
+    for batch, channels, hidden, side, channels_last in ((1, 24, 96, (9, 13), False), (2, 16, 64, (40, 41), False),
+                                                         (2, 48, 192, (5, 7), True), (1, 8, 2048, (3, 50), True)):
+        fc1, fc2 = nn.Linear(channels, hidden), nn.Linear(hidden, channels)
+        scale = mx.random.normal((channels,))
+        shape = (batch, *side, channels) if channels_last else (batch, channels, *side)
+        x, residual = mx.random.normal(shape) * 3, mx.random.normal(shape)
+        x64, r64 = (np.array(a, dtype=np.float64) for a in (x, residual))
+        if not channels_last:
+            x64, r64 = np.moveaxis(x64, 1, -1), np.moveaxis(r64, 1, -1)
+        h = x64 @ np.array(fc1.weight, dtype=np.float64).T + np.array(fc1.bias, dtype=np.float64)
+        h = 0.5 * h * (1 + erf(h / math.sqrt(2)))
+        ref = r64 + np.array(scale, dtype=np.float64) * (h @ np.array(fc2.weight, dtype=np.float64).T + np.array(fc2.bias, dtype=np.float64))
+        ref = ref if channels_last else np.moveaxis(ref, -1, 1)
+        out = fused_mlp(x, residual, fc1, fc2, scale, channels_last)
+        assert out is not None and out.shape == residual.shape
+        assert np.abs(np.array(out) - ref).max() <= 1e-6 * np.abs(ref).max(), (shape, channels_last)
+
+    class FFN(nn.Module):  # conv_ffn_residual's inputs: a depthwise conv, then the MLP
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc1, self.fc2 = nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.Linear(16, 64), nn.Linear(64, 16)
+
+    ffn, x, scale = FFN(), mx.random.normal((1, 16, 12, 12)), mx.random.normal((16,))
+    plain = cpu_vision.depthwise(ffn.conv, x, True)
+    plain = x + scale[:, None, None] * cpu_vision.pointwise(ffn.fc2, cpu_math.gelu(cpu_vision.pointwise(ffn.fc1, plain, True)), True)
+    fused = cpu_vision.conv_ffn_residual(ffn, x, scale, True)
+    assert (mx.abs(fused - plain).max() <= 1e-5 * mx.abs(plain).max()).item()
+
+
 def test_decoder_layers_match_mlx_lm_with_a_cached_prefix(monkeypatch):
     """mlx-lm's Qwen2 with the CPU variants (attention, SiLU gate, the few-row matmul of every linear layer
     and of the tied output projection) gives mlx-lm's own outputs for a batch of 3: a prefill, a multi-token

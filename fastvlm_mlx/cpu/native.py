@@ -1,4 +1,4 @@
-"""The package's C kernels (``pool.c``, ``skinny.c``, ``attention.c``, ``depthwise.c``), compiled into one library on first use.
+"""The package's C kernels (``pool.c``, ``skinny.c``, ``attention.c``, ``depthwise.c``, ``mlp.c``), compiled into one library on first use.
 
 They are built with the machine's C compiler (the one ``mx.compile`` already needs on a CPU) into the user
 cache, keyed by the sources, the flags and the CPU, and called through ctypes on the arrays' memory.  One
@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / name for name in ("pool.c", "skinny.c", "attention.c", "depthwise.c")]
+SOURCES = [HERE / name for name in ("pool.c", "skinny.c", "attention.c", "depthwise.c", "mlp.c")]
 HEADERS = [HERE / "pool.h"]
 FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-pthread"]
 MAX_THREADS = 8  # beyond the memory's bandwidth for decoding, and plenty for the 2-16 cores of a Mac or PC

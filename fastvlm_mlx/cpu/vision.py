@@ -1,14 +1,15 @@
 """FastViTHD and the projector as scheduled for the CPU: same weights, same maths, another execution.
 
 ``CpuFastViTHD`` walks the plain tower's blocks (``fastvlm_mlx.vision``) and computes each with:
-- depthwise convs as BLAS matmuls (``depthwise.depthwise_conv2d``);
-- the conv stages channels-first (NCHW), where those matmuls and the 1x1 convs (``weight @ x``) need
-  no transposes (15-25% faster per block), the stem's 3x3 conv as one im2col GEMM;
-- GELU from ``kernels`` (vectorizable where MLX's own is scalar), attention from ``kernels`` (the
-  compiled ``attention.c``, which spreads the heads over the cores);
-- each conv-stage block split over two MLX CPU streams: MLX runs each stream on its own thread, and its
-  CPU reductions, fused elementwise kernels and small matmuls are single-threaded.  The block's GEMMs then
-  run with one BLAS thread per stream (``FASTVLM_MLX_CPU_STREAMS=1`` keeps one stream).
+- depthwise convs from ``depthwise.depthwise_conv2d`` (the compiled ``depthwise.c``);
+- the conv stages channels-first (NCHW), where those convs and the 1x1 convs (``weight @ x``) need
+  no transposes, the stem's 3x3 conv as one im2col GEMM;
+- the pointwise MLP, GELU and residual of each block from ``mlp.fused_mlp`` (the compiled ``mlp.c``),
+  attention from ``kernels`` (the compiled ``attention.c``), GELU elsewhere from ``kernels``;
+- where ``mlp.c`` cannot run (no C compiler or optimized BLAS), each conv-stage block split over two MLX
+  CPU streams: MLX runs each stream on its own thread, and its CPU reductions, fused elementwise kernels
+  and small matmuls are single-threaded.  The block's GEMMs then run with one BLAS thread per stream
+  (``FASTVLM_MLX_CPU_STREAMS=1`` keeps one stream).
 
 The attention stages, the final conv and the output stay channels-last, as in the plain tower.
 """
@@ -22,9 +23,11 @@ import mlx.nn as nn
 
 from ..model import Projector
 from ..vision import AttentionBlock, FastViTHD, FinalConv, PatchEmbed, RepMixerBlock, Stage, Stem
+from . import mlp
 from .blas import blas_threads
 from .depthwise import computes_channels_first, depthwise_conv2d, to_channels_first, to_channels_last
 from .kernels import attention, gelu
+from .mlp import fused_mlp
 
 _STREAMS_ENV = "FASTVLM_MLX_CPU_STREAMS"
 
@@ -89,16 +92,22 @@ def stem(block: Stem, x: mx.array, channels_first: bool) -> mx.array:
     return gelu(pointwise(linear, x, channels_first))
 
 
-def conv_ffn(ffn, x: mx.array, channels_first: bool) -> mx.array:
-    x = depthwise(ffn.conv, x, channels_first)
-    return pointwise(ffn.fc2, gelu(pointwise(ffn.fc1, x, channels_first)), channels_first)
+def conv_ffn_residual(ffn, x: mx.array, scale: mx.array, channels_first: bool) -> mx.array:
+    """``x + scale * ConvFFN(x)``, the second half of RepMixer and attention blocks: its pointwise MLP and
+    the residual in ``mlp.c`` where that runs."""
+    conved = depthwise(ffn.conv, x, channels_first)
+    out = fused_mlp(conved, x, ffn.fc1, ffn.fc2, scale, channels_last=not channels_first)
+    if out is not None:
+        return out
+    y = pointwise(ffn.fc2, gelu(pointwise(ffn.fc1, conved, channels_first)), channels_first)
+    return x + per_channel(scale, channels_first) * y
 
 
 def repmixer_block(block: RepMixerBlock, x: mx.array, channels_first: bool) -> mx.array:
-    if channels_first and two_cpu_streams():
+    if channels_first and two_cpu_streams() and mlp.kernel() is None:
         return _repmixer_block_in_two_streams(block, x)
     x = depthwise(block.token_mixer, x, channels_first)
-    return x + per_channel(block.layer_scale, channels_first) * conv_ffn(block.mlp, x, channels_first)
+    return conv_ffn_residual(block.mlp, x, block.layer_scale, channels_first)
 
 
 def _repmixer_block_in_two_streams(block: RepMixerBlock, x: mx.array) -> mx.array:
@@ -133,7 +142,7 @@ def attention_block(block: AttentionBlock, x: mx.array) -> mx.array:
     qkv = qkv.reshape(b, h * w, 3, attn.num_heads, -1).transpose(2, 0, 3, 1, 4)
     out = attention(qkv[0], qkv[1], qkv[2], attn.scale)
     x = x + block.layer_scale_1 * attn.proj(out.transpose(0, 2, 1, 3).reshape(b, h, w, c))
-    return x + block.layer_scale_2 * conv_ffn(block.mlp, x, False)
+    return conv_ffn_residual(block.mlp, x, block.layer_scale_2, False)
 
 
 def patch_embed(block: PatchEmbed, x: mx.array, channels_first: bool) -> mx.array:
