@@ -65,6 +65,19 @@ def test_causal_grouped_attention_matches_mlx():
         assert (mx.abs(out - ref).max() / mx.abs(ref).max()).item() < 1e-6, mask
 
 
+def _passes_in_threads(n: int, check) -> bool:
+    """Whether ``check()`` returns True in each of n Python threads running at once (each given 60 s)."""
+    import threading
+
+    results = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, check())) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return results == {i: True for i in range(n)}
+
+
 def _attention64(q, k, v, scale, causal):
     """softmax(q k^T scale) v in float64, grouped-query heads, causal as mx.fast's (the last L of S positions)."""
     q, k, v = (np.array(a, dtype=np.float64) for a in (q, k, v))
@@ -81,8 +94,6 @@ def test_blocked_attention_kernel_matches_float64_attention():
     """attention.c over several blocks of query rows and ragged tails: the tower's shape (24 heads of 32 over
     1024 positions), a grouped causal prefill after a cached prefix, odd sizes, logits large enough to overflow
     a naive exponential, and calls from several threads at once.  kernels.attention takes this path."""
-    import threading
-
     from fastvlm_mlx.cpu import blas
     from fastvlm_mlx.cpu.attention import blocked_attention
 
@@ -103,18 +114,8 @@ def test_blocked_attention_kernel_matches_float64_attention():
 
     q, k, v = (mx.random.normal((1, 4, 300, 16)) for _ in range(3))
     ref = _attention64(q, k, v, 0.5, True)
-    results = {}
-
-    def caller(i):
-        results[i] = all(np.abs(np.array(blocked_attention(q, k, v, 0.5, True)) - ref).max() <= 3e-6 * np.abs(ref).max()
-                         for _ in range(10))
-
-    callers = [threading.Thread(target=caller, args=(i,)) for i in range(3)]
-    for t in callers:
-        t.start()
-    for t in callers:
-        t.join(timeout=60)
-    assert results == {i: True for i in range(3)}
+    assert _passes_in_threads(3, lambda: all(
+        np.abs(np.array(blocked_attention(q, k, v, 0.5, True)) - ref).max() <= 3e-6 * np.abs(ref).max() for _ in range(10)))
 
 
 def test_fused_pointwise_mlp_matches_float64():
@@ -224,7 +225,6 @@ def test_few_row_matmul_pool_under_threads_and_fork():
     grows and shrinks the pool, and a forked child (which has none of the parent's workers) all give
     the float64 products."""
     import os
-    import threading
     import time
 
     from fastvlm_mlx.cpu import skinny
@@ -239,17 +239,7 @@ def test_few_row_matmul_pool_under_threads_and_fork():
     def close(outs):
         return all(np.abs(o - r).max() <= 1e-5 * np.abs(r).max() for o, r in zip(outs, refs))
 
-    results = {}
-
-    def caller(i):
-        results[i] = all(close(_raw_products(fn, cases, threads)) for _ in range(20) for threads in (1, 2, 3, 5))
-
-    workers = [threading.Thread(target=caller, args=(i,)) for i in range(4)]
-    for t in workers:
-        t.start()
-    for t in workers:
-        t.join(timeout=60)
-    assert results == {i: True for i in range(4)}
+    assert _passes_in_threads(4, lambda: all(close(_raw_products(fn, cases, t)) for _ in range(20) for t in (1, 2, 3, 5)))
 
     pid = os.fork()
     if pid == 0:  # the child: exit status 0 only when its own pool gives the right products

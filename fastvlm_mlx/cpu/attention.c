@@ -16,15 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "pool.h"
-
-typedef void (*sgemm_fn)(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
-                         int lda, const float *b, int ldb, float beta, float *c, int ldc);
-enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
-
-typedef float v16 __attribute__((vector_size(64)));
-typedef int i16 __attribute__((vector_size(64)));
-#define LANES 16
+#include "native.h"
 
 static inline v16 splat(float x) { return (v16){0} + x; }
 
@@ -51,33 +43,25 @@ static inline v16 exp_nonpositive(v16 y) {
     return p * (v16)bits;
 }
 
-static inline v16 load(const float *p) {
-    v16 v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline void store(float *p, v16 v) { memcpy(p, &v, sizeof v); }
-
 /* row[0 .. n) becomes exp(row - max row), row[n .. width) zero; returns 1 / the sum of the exponentials. */
 static float softmax_numerators(float *row, int n, int width) {
     v16 top = splat(-3.0e38f);
     int j = 0;
-    for (; j + LANES <= n; j += LANES) top = vmax(top, load(row + j));
+    for (; j + LANES <= n; j += LANES) top = vmax(top, load16(row + j));
     float m = -3.0e38f;
     for (int l = 0; l < LANES; l++) m = top[l] > m ? top[l] : m;
     for (; j < n; j++) m = row[j] > m ? row[j] : m;
     v16 sums = {0};
     for (j = 0; j + LANES <= n; j += LANES) {
-        v16 e = exp_nonpositive(load(row + j) - m);
-        store(row + j, e);
+        v16 e = exp_nonpositive(load16(row + j) - m);
+        store16(row + j, e);
         sums += e;
     }
     float sum = 0;
     if (j < n) { /* the tail through one padded vector; only its first n - j lanes are kept */
         float tail[LANES];
         for (int l = 0; l < LANES; l++) tail[l] = j + l < n ? row[j + l] : m;
-        v16 e = exp_nonpositive(load(tail) - m);
+        v16 e = exp_nonpositive(load16(tail) - m);
         for (int l = 0; j + l < n; l++) row[j + l] = e[l], sum += e[l];
     }
     for (int l = 0; l < LANES; l++) sum += sums[l];

@@ -20,15 +20,7 @@ _kernel = None  # (the ctypes function, the sgemm address), or False where it ca
 def kernel():
     global _kernel
     if _kernel is None:
-        _kernel = False
-        try:
-            if blas.loaded is not None:
-                fn = native.library().attention_f32
-                fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [ctypes.c_float] + [ctypes.c_int] * 2
-                fn.restype = None
-                _kernel = fn, ctypes.cast(ctypes.CDLL(blas.loaded).cblas_sgemm, ctypes.c_void_p).value
-        except Exception:  # noqa: BLE001 - skinny.kernel() already warns when the library cannot be built
-            _kernel = False
+        _kernel = native.blas_kernel("attention_f32", [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [ctypes.c_float] + [ctypes.c_int] * 2) or False
     return _kernel or None
 
 

@@ -11,17 +11,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "pool.h"
+#include "native.h"
 
-typedef float v16 __attribute__((vector_size(64)));
-#define LANES 16
 #define CHUNK 4 /* vectors of a row summed at once */
-
-static inline v16 load(const float *p) {
-    v16 v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
 
 struct depthwise_job {
     const float *x, *w, *bias;
@@ -42,7 +34,7 @@ static inline __attribute__((always_inline)) void row_chunk(const struct depthwi
         for (int kx = 0; kx < k; kx++) {
             const float *src = row + (size_t)(kx % s) * phase_size + kx / s;
             float tap = w[ky * k + kx];
-            for (int v = 0; v < nv; v++) acc[v] += tap * load(src + v * LANES);
+            for (int v = 0; v < nv; v++) acc[v] += tap * load16(src + v * LANES);
         }
     }
     int n = j->out_width - x0 < nv * LANES ? j->out_width - x0 : nv * LANES;

@@ -12,23 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "pool.h"
-
-typedef void (*sgemm_fn)(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
-                         int lda, const float *b, int ldb, float beta, float *c, int ldc);
-enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
-
-typedef float v16 __attribute__((vector_size(64)));
-typedef int i16 __attribute__((vector_size(64)));
-#define LANES 16
-
-static inline v16 load(const float *p) {
-    v16 v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline void store(float *p, v16 v) { memcpy(p, &v, sizeof v); }
+#include "native.h"
 
 static inline v16 vabs(v16 x) { return (v16)((i16)x & 0x7fffffff); }
 
@@ -57,11 +41,11 @@ static inline v16 gelu(v16 x) {
 /* row[0 .. n) = gelu(row + bias) */
 static void bias_gelu(float *row, int n, float bias) {
     int j = 0;
-    for (; j + LANES <= n; j += LANES) store(row + j, gelu(load(row + j) + bias));
+    for (; j + LANES <= n; j += LANES) store16(row + j, gelu(load16(row + j) + bias));
     if (j < n) {
         float tail[LANES] = {0};
         memcpy(tail, row + j, sizeof(float) * (n - j));
-        v16 g = gelu(load(tail) + bias);
+        v16 g = gelu(load16(tail) + bias);
         memcpy(row + j, &g, sizeof(float) * (n - j));
     }
 }

@@ -22,15 +22,7 @@ _kernel = None  # (the ctypes function, the sgemm address), or False where it ca
 def kernel():
     global _kernel
     if _kernel is None:
-        _kernel = False
-        try:
-            if blas.loaded is not None:
-                fn = native.library().pointwise_mlp_f32
-                fn.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int] * 6
-                fn.restype = None
-                _kernel = fn, ctypes.cast(ctypes.CDLL(blas.loaded).cblas_sgemm, ctypes.c_void_p).value
-        except Exception:  # noqa: BLE001 - skinny.kernel() already warns when the library cannot be built
-            _kernel = False
+        _kernel = native.blas_kernel("pointwise_mlp_f32", [ctypes.c_void_p] * 9 + [ctypes.c_int] * 6) or False
     return _kernel or None
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 SOURCES = [HERE / name for name in ("pool.c", "skinny.c", "attention.c", "depthwise.c", "mlp.c")]
-HEADERS = [HERE / "pool.h"]
+HEADERS = [HERE / "native.h"]
 FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-pthread"]
 MAX_THREADS = 8  # beyond the memory's bandwidth for decoding, and plenty for the 2-16 cores of a Mac or PC
 
@@ -85,6 +85,24 @@ def library() -> ctypes.CDLL:
     if isinstance(_library, Exception):
         raise _library
     return _library
+
+
+def blas_kernel(name: str, argtypes: list):
+    """(the library's function ``name``, the address of the loaded BLAS's cblas_sgemm) for a kernel that calls
+    the process's optimized BLAS (``blas.py``); None without one, or where the library cannot be built
+    (``skinny.kernel`` warns about that once)."""
+    from . import blas
+
+    if blas.loaded is None:
+        return None
+    try:
+        fn = getattr(library(), name)
+        sgemm = ctypes.cast(ctypes.CDLL(blas.loaded).cblas_sgemm, ctypes.c_void_p).value
+    except Exception:  # noqa: BLE001 - MLX ops compute the same maths
+        return None
+    fn.argtypes = argtypes
+    fn.restype = None
+    return fn, sgemm
 
 
 def threads() -> int:

@@ -8,7 +8,7 @@
 #include <pthread.h>
 #include <time.h>
 
-#include "pool.h"
+#include "native.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #define cpu_relax() __builtin_ia32_pause()

@@ -11,7 +11,7 @@
 #include <stddef.h>
 #include <string.h>
 
-#include "pool.h"
+#include "native.h"
 
 typedef float v8 __attribute__((vector_size(32)));
 
