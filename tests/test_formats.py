@@ -162,11 +162,21 @@ def test_channels_last_layout_matches_reference(loaded, reference, monkeypatch):
         assert rel_err(features.reshape(1, n, -1), arrays["vision_features"]) <= TOL, impl
 
 
-def test_two_stream_cpu_path_matches_single_stream(loaded, reference, monkeypatch):
-    """On the CPU the attention heads run in two streams; the numbers must not change."""
+def test_cpu_tower_without_the_c_kernels_matches_reference(loaded, reference, monkeypatch):
+    """Where the C kernels cannot run, the CPU tower computes with MLX ops (the Toeplitz depthwise convs,
+    MLX attention, the RepMixer blocks over two CPU streams or one): the reference numbers every way."""
+    from fastvlm_mlx.cpu import attention, mlp
+
     _, (model, _) = loaded
-    pixels = reference[0]["pixels"]
-    both = model.vision_tower(pixels)
+    arrays, meta = reference
+    n = meta["num_image_tokens"]
+    with_kernels = model.vision_tower(arrays["pixels"])
+    monkeypatch.setattr(attention, "_kernel", False)
+    monkeypatch.setattr(mlp, "_kernel", False)
+    monkeypatch.setenv("FASTVLM_MLX_DEPTHWISE", "toeplitz")
+    both = model.vision_tower(arrays["pixels"])
     monkeypatch.setenv("FASTVLM_MLX_CPU_STREAMS", "1")
-    single = model.vision_tower(pixels)
-    assert mx.array_equal(both, single).item()
+    single = model.vision_tower(arrays["pixels"])
+    assert mx.array_equal(both, single).item()  # the two streams compute the same ops on the same numbers
+    for features in (with_kernels, both):
+        assert rel_err(features.reshape(1, n, -1), arrays["vision_features"]) <= TOL
