@@ -120,10 +120,7 @@ def compiled_kernel():
     global _compiled
     if _compiled is None:
         try:
-            fn = native.library().depthwise_f32
-            fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 8
-            fn.restype = None
-            _compiled = fn
+            _compiled = native.function("depthwise_f32", [ctypes.c_void_p] * 4 + [ctypes.c_int] * 8)
         except Exception:  # noqa: BLE001 - a missing compiler leaves the Toeplitz path
             _compiled = False
     return _compiled or None

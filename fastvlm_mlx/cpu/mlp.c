@@ -38,14 +38,17 @@ static inline v16 gelu(v16 x) {
     return x * (0.5f + 0.5f * (s * p / q));
 }
 
-/* row[0 .. n) = gelu(row + bias) */
-static void bias_gelu(float *row, int n, float bias) {
+/* row[0 .. n) = gelu(row + bias + biases[0 .. n)), biases may be NULL: one bias per row (channels-first)
+ * or one per element (channels-last). */
+static void bias_gelu(float *row, int n, float bias, const float *biases) {
     int j = 0;
-    for (; j + LANES <= n; j += LANES) store16(row + j, gelu(load16(row + j) + bias));
-    if (j < n) {
-        float tail[LANES] = {0};
+    for (; j + LANES <= n; j += LANES)
+        store16(row + j, gelu(load16(row + j) + bias + (biases ? load16(biases + j) : (v16){0})));
+    if (j < n) { /* the tail through one padded vector */
+        float tail[LANES] = {0}, tail_biases[LANES] = {0};
         memcpy(tail, row + j, sizeof(float) * (n - j));
-        v16 g = gelu(load16(tail) + bias);
+        if (biases) memcpy(tail_biases, biases + j, sizeof(float) * (n - j));
+        v16 g = gelu(load16(tail) + bias + load16(tail_biases));
         memcpy(row + j, &g, sizeof(float) * (n - j));
     }
 }
@@ -69,7 +72,7 @@ static void run_blocks(void *arg, int part, int parts) {
         size_t base = (size_t)b * C * N;
         if (!j->channels_last) { /* h (Hd, n) = w1 x[:, n0:n0+n]; y (C, n) = w2 h */
             j->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, Hd, n, C, 1.0f, j->w1, C, j->x + base + n0, N, 0.0f, h, n);
-            for (int r = 0; r < Hd; r++) bias_gelu(h + (size_t)r * n, n, j->b1 ? j->b1[r] : 0.0f);
+            for (int r = 0; r < Hd; r++) bias_gelu(h + (size_t)r * n, n, j->b1 ? j->b1[r] : 0.0f, NULL);
             j->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, C, n, Hd, 1.0f, j->w2, Hd, h, n, 0.0f, y, n);
             for (int c = 0; c < C; c++) {
                 const float *res = j->residual + base + (size_t)c * N + n0;
@@ -80,9 +83,7 @@ static void run_blocks(void *arg, int part, int parts) {
         } else { /* h (n, Hd) = x[n0:n0+n] w1^T; y (n, C) = h w2^T */
             const float *x = j->x + base + (size_t)n0 * C;
             j->sgemm(ROW_MAJOR, NO_TRANS, TRANS, n, Hd, C, 1.0f, x, C, j->w1, C, 0.0f, h, Hd);
-            for (int t = 0; t < n; t++)
-                for (int r = 0; r < Hd; r++) h[(size_t)t * Hd + r] += j->b1 ? j->b1[r] : 0.0f;
-            for (int t = 0; t < n; t++) bias_gelu(h + (size_t)t * Hd, Hd, 0.0f);
+            for (int t = 0; t < n; t++) bias_gelu(h + (size_t)t * Hd, Hd, 0.0f, j->b1);
             j->sgemm(ROW_MAJOR, NO_TRANS, TRANS, n, C, Hd, 1.0f, h, Hd, j->w2, Hd, 0.0f, y, C);
             for (int t = 0; t < n; t++) {
                 const float *res = j->residual + base + (size_t)(n0 + t) * C;

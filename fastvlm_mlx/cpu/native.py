@@ -87,8 +87,16 @@ def library() -> ctypes.CDLL:
     return _library
 
 
+def function(name: str, argtypes: list):
+    """The library's C function ``name``, typed with ``argtypes`` (returning void); raises as ``library``."""
+    fn = getattr(library(), name)
+    fn.argtypes = argtypes
+    fn.restype = None
+    return fn
+
+
 def blas_kernel(name: str, argtypes: list):
-    """(the library's function ``name``, the address of the loaded BLAS's cblas_sgemm) for a kernel that calls
+    """(``function(name, argtypes)``, the address of the loaded BLAS's cblas_sgemm) for a kernel that calls
     the process's optimized BLAS (``blas.py``); None without one, or where the library cannot be built
     (``skinny.kernel`` warns about that once)."""
     from . import blas
@@ -96,13 +104,9 @@ def blas_kernel(name: str, argtypes: list):
     if blas.loaded is None:
         return None
     try:
-        fn = getattr(library(), name)
-        sgemm = ctypes.cast(ctypes.CDLL(blas.loaded).cblas_sgemm, ctypes.c_void_p).value
+        return function(name, argtypes), ctypes.cast(ctypes.CDLL(blas.loaded).cblas_sgemm, ctypes.c_void_p).value
     except Exception:  # noqa: BLE001 - MLX ops compute the same maths
         return None
-    fn.argtypes = argtypes
-    fn.restype = None
-    return fn, sgemm
 
 
 def threads() -> int:

@@ -41,10 +41,7 @@ def kernel():
         _kernel = False
         if enabled():
             try:
-                fn = native.library().skinny_matmul
-                fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4
-                fn.restype = None
-                _kernel = fn
+                _kernel = native.function("skinny_matmul", [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4)
             except Exception as e:  # noqa: BLE001 - a missing compiler must not stop the model
                 warnings.warn(f"fastvlm_mlx: decoding and attention use MLX's slower CPU ops: could not build the C kernels: {e}",
                               stacklevel=2)

@@ -27,7 +27,6 @@ from . import mlp
 from .blas import blas_threads
 from .depthwise import computes_channels_first, depthwise_conv2d, to_channels_first, to_channels_last
 from .kernels import attention, gelu
-from .mlp import fused_mlp
 
 _STREAMS_ENV = "FASTVLM_MLX_CPU_STREAMS"
 
@@ -43,9 +42,10 @@ def _second_cpu_stream() -> mx.Stream:
     return _per_thread.stream
 
 
-def two_cpu_streams() -> bool:
-    """Whether work is split over two CPU streams (unless FASTVLM_MLX_CPU_STREAMS=1)."""
-    return os.environ.get(_STREAMS_ENV, "2").strip() != "1"
+def blocks_in_two_streams(channels_first: bool) -> bool:
+    """Whether the conv stages' blocks run as two halves in two CPU streams: channels-first, unless
+    FASTVLM_MLX_CPU_STREAMS=1 or ``mlp.c`` computes their MLPs on every core."""
+    return channels_first and os.environ.get(_STREAMS_ENV, "2").strip() != "1" and mlp.kernel() is None
 
 
 # ------------------------------------------------------------------------------- layout helpers
@@ -96,7 +96,7 @@ def conv_ffn_residual(ffn, x: mx.array, scale: mx.array, channels_first: bool) -
     """``x + scale * ConvFFN(x)``, the second half of RepMixer and attention blocks: its pointwise MLP and
     the residual in ``mlp.c`` where that runs."""
     conved = depthwise(ffn.conv, x, channels_first)
-    out = fused_mlp(conved, x, ffn.fc1, ffn.fc2, scale, channels_last=not channels_first)
+    out = mlp.fused_mlp(conved, x, ffn.fc1, ffn.fc2, scale, channels_last=not channels_first)
     if out is not None:
         return out
     y = pointwise(ffn.fc2, gelu(pointwise(ffn.fc1, conved, channels_first)), channels_first)
@@ -104,7 +104,7 @@ def conv_ffn_residual(ffn, x: mx.array, scale: mx.array, channels_first: bool) -
 
 
 def repmixer_block(block: RepMixerBlock, x: mx.array, channels_first: bool) -> mx.array:
-    if channels_first and two_cpu_streams() and mlp.kernel() is None:
+    if blocks_in_two_streams(channels_first):
         return _repmixer_block_in_two_streams(block, x)
     x = depthwise(block.token_mixer, x, channels_first)
     return conv_ffn_residual(block.mlp, x, block.layer_scale, channels_first)
@@ -158,7 +158,7 @@ def stage(block: Stage, x: mx.array, channels_first: bool) -> mx.array:
         for b in block.blocks:
             x = attention_block(b, x)
         return x
-    if channels_first and two_cpu_streams():
+    if blocks_in_two_streams(channels_first):
         # The blocks run as two halves in two streams; their GEMMs must run with one BLAS thread each,
         # so they are evaluated here, inside that setting: 64x64x384 blocks 77 -> 68 ms, 128x128x192 101 -> 85 ms.
         mx.eval(x)
