@@ -177,6 +177,7 @@ def test_cpu_tower_without_the_c_kernels_matches_reference(loaded, reference, mo
     both = model.vision_tower(arrays["pixels"])
     monkeypatch.setenv("FASTVLM_MLX_CPU_STREAMS", "1")
     single = model.vision_tower(arrays["pixels"])
-    assert mx.array_equal(both, single).item()  # the two streams compute the same ops on the same numbers
+    # the same ops on the same numbers; only the BLAS's thread count differs, which may reorder its sums
+    assert rel_err(both, single) <= 1e-5
     for features in (with_kernels, both):
         assert rel_err(features.reshape(1, n, -1), arrays["vision_features"]) <= TOL
