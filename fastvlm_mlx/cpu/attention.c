@@ -18,8 +18,6 @@
 
 #include "native.h"
 
-static inline v16 splat(float x) { return (v16){0} + x; }
-
 static inline v16 vmax(v16 a, v16 b) {
     i16 a_wins = a > b;
     return (v16)((a_wins & (i16)a) | (~a_wins & (i16)b));

@@ -28,7 +28,7 @@ static inline __attribute__((always_inline)) void row_chunk(const struct depthwi
     int k = j->k, s = j->stride, pw = j->phase_width;
     size_t phase_size = (size_t)(s * (j->out_height - 1) + k) * pw;
     v16 acc[CHUNK];
-    for (int v = 0; v < nv; v++) acc[v] = (v16){0} + bias;
+    for (int v = 0; v < nv; v++) acc[v] = splat(bias);
     for (int ky = 0; ky < k; ky++) {
         const float *row = phases + (size_t)(s * y + ky) * pw + x0;
         for (int kx = 0; kx < k; kx++) {

@@ -20,17 +20,17 @@ static inline v16 vabs(v16 x) { return (v16)((i16)x & 0x7fffffff); }
  * (the rational form and coefficients of Eigen's float erf, as kernels.gelu_exact). */
 static inline v16 gelu(v16 x) {
     v16 s = x * 0.70710678118654752f;
-    v16 c = (v16){0} + 4.0f;
+    v16 c = splat(4.0f);
     s = (vabs(s + c) - vabs(s - c)) * 0.5f; /* clamp(s, -4, 4) without a select */
     v16 u = s * s;
-    v16 p = (v16){0} - 2.72614225801306e-10f;
+    v16 p = splat(-2.72614225801306e-10f);
     p = p * u + 2.77068142495902e-08f;
     p = p * u - 2.10102402082508e-06f;
     p = p * u - 5.69250639462346e-05f;
     p = p * u - 7.34990630326855e-04f;
     p = p * u - 2.95459980854025e-03f;
     p = p * u - 1.60960333262415e-02f;
-    v16 q = (v16){0} - 1.45660718464996e-05f;
+    v16 q = splat(-1.45660718464996e-05f);
     q = q * u - 2.13374055278905e-04f;
     q = q * u - 1.68282697438203e-03f;
     q = q * u - 7.37332916720468e-03f;

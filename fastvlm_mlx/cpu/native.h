@@ -27,4 +27,7 @@ static inline v16 load16(const float *p) {
 
 static inline void store16(float *p, v16 v) { memcpy(p, &v, sizeof v); }
 
+/* x in every lane. */
+static inline v16 splat(float x) { return (v16){0} + x; }
+
 #endif
