@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .run import _machine
+
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "Describe the image."
 
@@ -207,7 +209,7 @@ def _compare(a, argv, model: Path, folder: Path, scratch: Path, peers: list, siz
         (peer_folder / x.name).symlink_to(x)
 
     print(json.dumps(dict(benchmark="fastvlm-batch", command=" ".join(["python -m benchmarks.batch"] + (argv or sys.argv[1:])),
-                          date=time.strftime("%Y-%m-%d %H:%M"), cores=os.cpu_count(), model_size=a.model_size,
+                          date=time.strftime("%Y-%m-%d %H:%M"), machine=_machine(), model_size=a.model_size,
                           resolution=a.resolution, max_tokens=a.max_tokens)), flush=True)
     rows = []
     for batch in sizes:

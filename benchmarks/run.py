@@ -186,7 +186,20 @@ def _machine() -> dict:
                 model = line.split(":", 1)[1].strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    return {"cpu": model, "cores": cores, "os": platform.platform(), "python": platform.python_version()}
+    return {"cpu": model, "cores": cores, "os": platform.platform(), "python": platform.python_version(),
+            "blas": _blas_in_workers()}
+
+
+def _blas_in_workers() -> str:
+    """The BLAS (and, for OpenBLAS, the kernels) a fresh worker process gets; asked of a child, since
+    this process may have imported mlx.core already."""
+    code = "import fastvlm_mlx.cpu.blas as b; b.load_fast_blas(); print(b.describe())"
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        return done.stdout.strip() or done.stderr.strip()[-200:]
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"unknown ({e})"
 
 
 def run_system(system: str, spec: dict) -> dict:

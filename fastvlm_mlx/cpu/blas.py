@@ -156,6 +156,19 @@ def blas_threads(n: int):
         set_(before)
 
 
+def describe() -> str:
+    """The BLAS in use, for benchmark records: its path and, for OpenBLAS, the build and the kernels it
+    runs (OPENBLAS_CORETYPE can force older ones: Haswell's run sgemm at half the speed of SkylakeX's)."""
+    if loaded is None:
+        return "MLX's bundled reference BLAS"
+    try:
+        lib = ctypes.CDLL(loaded)
+        lib.openblas_get_config.restype = ctypes.c_char_p
+        return f"{loaded} ({lib.openblas_get_config().decode().strip()})"
+    except (OSError, AttributeError):
+        return loaded
+
+
 def warn_if_imported_too_late() -> None:
     """A float32 model on the CPU without the fast BLAS runs its matmuls 20-40x slower: say why, once."""
     global imported_too_late
