@@ -191,6 +191,40 @@ def test_decoder_layers_match_mlx_lm_with_a_cached_prefix(monkeypatch):
     assert set(kernel_rows) == {6, 3}, set(kernel_rows)  # the 15-row prefill went to MLX's matmul
 
 
+def test_numpy_decode_steps_match_mlx_lm_with_left_padded_batches(monkeypatch):
+    """Decode steps of the CPU block (norms, SiLU gate and residuals in NumPy, attention in MLX) against mlx-lm's
+    own Qwen2 over a left-padded batch of 3 (``BatchKVCache`` and its mask, as ``BatchGenerator`` decodes) with an
+    untied output projection; every layer of every decode step takes the NumPy path."""
+    from mlx_lm.models import qwen2
+    from mlx_lm.models.cache import BatchKVCache
+
+    from fastvlm_mlx.cpu import decoder
+
+    args = qwen2.ModelArgs(model_type="qwen2", hidden_size=64, num_hidden_layers=3, intermediate_size=96,
+                           num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=50,
+                           tie_word_embeddings=False)
+    mx.random.seed(7)
+    theirs = qwen2.Model(args)
+    ours = qwen2.Model(args)
+    ours.update(theirs.parameters())
+    decoder.install(ours)
+    assert type(ours.layers[0]) is decoder.CpuTransformerBlock
+    numpy_steps = []
+    original = decoder.CpuTransformerBlock._decode_input
+    monkeypatch.setattr(decoder.CpuTransformerBlock, "_decode_input",
+                        lambda self, x, cache: numpy_steps.append(original(self, x, cache) is not None) or original(self, x, cache))
+    padding = [2, 0, 1]
+    ids = mx.random.randint(1, 50, (3, 12))
+    caches = [[BatchKVCache(padding) for _ in range(args.num_hidden_layers)] for _ in range(2)]
+    for chunk in (ids[:, :6], ids[:, 6:7], ids[:, 7:8], ids[:, 8:9], ids[:, 9:10]):
+        numpy_steps.clear()
+        ref, out = theirs(chunk, cache=caches[0]), ours(chunk, cache=caches[1])
+        assert (mx.abs(out - ref).max() / mx.abs(ref).max()).item() < 1e-5
+        assert numpy_steps == [chunk.shape[1] == 1] * args.num_hidden_layers
+    for a, b in zip(caches[0], caches[1]):
+        assert (mx.abs(a.keys - b.keys).max() <= 1e-5 * mx.abs(a.keys).max()).item()
+
+
 def test_few_row_matmul_matches_float64():
     """skinny.c against numpy in float64, over every tile and tail: rows 1-8, widths and depths that are
     and are not multiples of the tile sizes, one thread and several."""

@@ -6,9 +6,13 @@ weights and names, same maths.
 generation loop, sharding, quantization) is untouched.
 """
 
+from typing import Optional
+
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.models import qwen2
+from mlx_lm.models.base import scaled_dot_product_attention
 
 from . import skinny
 from .kernels import attention, on_cpu_float32, swiglu
@@ -20,20 +24,29 @@ class CpuAttention(qwen2.Attention):
     dtypes go to mlx-lm's own code."""
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
-        b, length, _ = x.shape
+        length = x.shape[1]
         plain_mask = mask is None or (isinstance(mask, str) and mask == "causal")
         if length == 1 or not on_cpu_float32(x) or hasattr(cache, "bits") or not plain_mask:
             return super().__call__(x, mask=mask, cache=cache)
+        return self.o_proj(self.attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), mask, cache))
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, mask, cache) -> mx.array:
+        """What lies between the projections, as in mlx-lm: split the heads, rope, the KV cache, softmax
+        attention (``kernels.attention`` for a prefill, mlx-lm's for a decode step and its masks)."""
+        b, length, _ = q.shape
         q, k, v = (
-            proj(x).reshape(b, length, heads, -1).transpose(0, 2, 1, 3)
-            for proj, heads in ((self.q_proj, self.n_heads), (self.k_proj, self.n_kv_heads), (self.v_proj, self.n_kv_heads))
+            a.reshape(b, length, heads, -1).transpose(0, 2, 1, 3)
+            for a, heads in ((q, self.n_heads), (k, self.n_kv_heads), (v, self.n_kv_heads))
         )
         offset = 0 if cache is None else cache.offset
         q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        out = attention(q, k, v, self.scale, causal=mask == "causal")
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, length, -1))
+        if length == 1:
+            out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+        else:
+            out = attention(q, k, v, self.scale, causal=mask == "causal")
+        return out.transpose(0, 2, 1, 3).reshape(b, length, -1)
 
 
 class CpuMLP(qwen2.MLP):
@@ -63,11 +76,73 @@ class CpuEmbedding(nn.Embedding):
         return super().as_linear(x) if y is None else y
 
 
+class CpuTransformerBlock(qwen2.TransformerBlock):
+    """A decode step (one position of at most 8 sequences) with its norms, SiLU gate and residuals in NumPy.
+
+    These are a few thousand floats per step, but handing each matmul's input from MLX to ``skinny`` means
+    waiting for MLX's CPU stream (70-250 us on a 2-vCPU machine, most of it waking the idle vCPU), four
+    times a layer. With the small maths in NumPy, a layer waits for MLX once: for its attention, which
+    stays in MLX (rope, the KV cache and its masks). Prefills, and layers that are sharded, quantized
+    or not float32, run as mlx-lm's block does."""
+
+    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+        h = self._decode_input(x, cache)
+        if h is None:
+            return super().__call__(x, mask, cache)
+        attn, mlp = self.self_attn, self.mlp
+        xn = _rms_norm(h, self.input_layernorm)
+        q, k, v = (mx.array(_linear(xn, p)[:, None]) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+        out = attn.attend(q, k, v, mask, cache)
+        mx.eval(out)
+        h = h + _linear(np.asarray(out).reshape(len(h), -1), attn.o_proj)
+        hn = _rms_norm(h, self.post_attention_layernorm)
+        h = h + _linear(_silu(_linear(hn, mlp.gate_proj)) * _linear(hn, mlp.up_proj), mlp.down_proj)
+        return mx.array(h[:, None])  # evaluated: the next layer starts without waiting
+
+    def _decode_input(self, x: mx.array, cache) -> Optional[np.ndarray]:
+        """x as a (sequences, hidden) NumPy array when this is a decode step the NumPy path takes, else None."""
+        if x.ndim != 3 or x.shape[1] != 1 or not 0 < x.shape[0] <= skinny.MAX_ROWS or not on_cpu_float32(x):
+            return None
+        if cache is None or hasattr(cache, "bits") or skinny.kernel() is None:
+            return None
+        attn, mlp = self.self_attn, self.mlp
+        linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        if type(attn) is not CpuAttention or any(type(p) is not CpuLinear for p in linears):
+            return None  # sharded or quantized layers
+        try:
+            mx.eval(x, [p.weight for p in linears])
+        except ValueError:  # being traced (mx.compile): no data to read
+            return None
+        if any(p.weight.dtype != mx.float32 or not np.asarray(p.weight).flags.c_contiguous for p in linears):
+            return None
+        return np.asarray(x).reshape(x.shape[0], -1)
+
+
+def _linear(x: np.ndarray, layer: nn.Linear) -> np.ndarray:
+    y = skinny.rows_times(x, np.asarray(layer.weight))
+    return y + np.asarray(layer.bias) if "bias" in layer else y
+
+
+def _rms_norm(x: np.ndarray, norm: nn.RMSNorm) -> np.ndarray:
+    """mx.fast.rms_norm's maths: x / sqrt(mean(x^2) + eps) * weight, in float32."""
+    scale = 1 / np.sqrt(np.mean(np.square(x), axis=-1, keepdims=True) + np.float32(norm.eps))
+    return x * scale * np.asarray(norm.weight)
+
+
+def _silu(g: np.ndarray) -> np.ndarray:
+    """g * sigmoid(g) as g / (1 + exp(-g)): below g = -88 exp overflows to inf and the result is -0, where the
+    true value is under 1e-36."""
+    with np.errstate(over="ignore"):
+        return g / (1 + np.exp(-g))
+
+
 def install(language_model: nn.Module) -> None:
     """Turn an mlx-lm Qwen2 model's attention, MLPs, linear layers and embedding into the variants above;
     the few-row kernel is built now, so that a missing compiler is reported at load, not mid-answer."""
     skinny.kernel()
     for layer in language_model.layers:
+        if type(layer) is qwen2.TransformerBlock:
+            layer.__class__ = CpuTransformerBlock
         layer.self_attn.__class__ = CpuAttention
         layer.mlp.__class__ = CpuMLP
     variants = {nn.Linear: CpuLinear, nn.Embedding: CpuEmbedding}  # exact types: sharded or quantized ones stay

@@ -57,8 +57,7 @@ def matmul(x: mx.array, weight: mx.array) -> Optional[mx.array]:
         return None
     if mx.default_device() != mx.cpu or weight.ndim != 2 or weight.shape[1] != k:
         return None
-    fn = kernel()
-    if fn is None:
+    if kernel() is None:
         return None
     try:
         mx.eval(x, weight)
@@ -67,8 +66,16 @@ def matmul(x: mx.array, weight: mx.array) -> Optional[mx.array]:
     w = np.asarray(weight)
     if not w.flags.c_contiguous:
         return None
-    xs = np.ascontiguousarray(np.asarray(x).reshape(rows, k))
+    y = rows_times(np.asarray(x).reshape(rows, k), w)
+    return mx.array(y).reshape(*x.shape[:-1], w.shape[0])
+
+
+def rows_times(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``x @ w.T`` through the kernel on NumPy float32 arrays: x (rows, K) with rows <= MAX_ROWS, w (N, K) C-contiguous
+    (a weight's memory, as ``np.asarray`` gives it); the kernel must be built (``kernel()`` is not None)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rows, k = x.shape
     n = w.shape[0]
     y = np.empty((rows, n), dtype=np.float32)
-    fn(xs.ctypes.data, w.ctypes.data, y.ctypes.data, rows, n, k, native.threads())
-    return mx.array(y).reshape(*x.shape[:-1], n)
+    _kernel(x.ctypes.data, w.ctypes.data, y.ctypes.data, rows, n, k, native.threads())
+    return y
