@@ -160,23 +160,32 @@ def test_fused_pointwise_mlp_matches_float64():
     assert (mx.abs(fused - plain).max() <= 1e-5 * mx.abs(plain).max()).item()
 
 
-def test_decoder_layers_match_mlx_lm_with_a_cached_prefix(monkeypatch):
-    """mlx-lm's Qwen2 with the CPU variants (attention, SiLU gate, the few-row matmul of every linear layer
-    and of the tied output projection) gives mlx-lm's own outputs for a batch of 3: a prefill, a multi-token
-    step over the cached prefix, then single-token decode steps, which go through the compiled kernel."""
+def _qwen2_and_its_cpu_copy(seed: int, layers: int, tied: bool):
+    """A small mlx-lm Qwen2 with random weights, and a copy of it with the CPU variants installed."""
     from mlx_lm.models import qwen2
-    from mlx_lm.models.cache import make_prompt_cache
 
-    from fastvlm_mlx.cpu import decoder, skinny
+    from fastvlm_mlx.cpu import decoder
 
-    args = qwen2.ModelArgs(model_type="qwen2", hidden_size=64, num_hidden_layers=2, intermediate_size=96,
+    args = qwen2.ModelArgs(model_type="qwen2", hidden_size=64, num_hidden_layers=layers, intermediate_size=96,
                            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=50,
-                           tie_word_embeddings=True)
-    mx.random.seed(5)
+                           tie_word_embeddings=tied)
+    mx.random.seed(seed)
     theirs = qwen2.Model(args)
     ours = qwen2.Model(args)
     ours.update(theirs.parameters())
     decoder.install(ours)
+    return theirs, ours
+
+
+def test_decoder_layers_match_mlx_lm_with_a_cached_prefix(monkeypatch):
+    """mlx-lm's Qwen2 with the CPU variants (attention, SiLU gate, the few-row matmul of every linear layer
+    and of the tied output projection) gives mlx-lm's own outputs for a batch of 3: a prefill, a multi-token
+    step over the cached prefix, then single-token decode steps, which go through the compiled kernel."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from fastvlm_mlx.cpu import decoder, skinny
+
+    theirs, ours = _qwen2_and_its_cpu_copy(seed=5, layers=2, tied=True)
     assert type(ours.layers[0].self_attn.q_proj) is decoder.CpuLinear
     assert type(ours.model.embed_tokens) is decoder.CpuEmbedding
     kernel_rows = []
@@ -195,32 +204,30 @@ def test_numpy_decode_steps_match_mlx_lm_with_left_padded_batches(monkeypatch):
     """Decode steps of the CPU block (norms, SiLU gate and residuals in NumPy, attention in MLX) against mlx-lm's
     own Qwen2 over a left-padded batch of 3 (``BatchKVCache`` and its mask, as ``BatchGenerator`` decodes) with an
     untied output projection; every layer of every decode step takes the NumPy path."""
-    from mlx_lm.models import qwen2
     from mlx_lm.models.cache import BatchKVCache
 
     from fastvlm_mlx.cpu import decoder
 
-    args = qwen2.ModelArgs(model_type="qwen2", hidden_size=64, num_hidden_layers=3, intermediate_size=96,
-                           num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=50,
-                           tie_word_embeddings=False)
-    mx.random.seed(7)
-    theirs = qwen2.Model(args)
-    ours = qwen2.Model(args)
-    ours.update(theirs.parameters())
-    decoder.install(ours)
+    layers = 3
+    theirs, ours = _qwen2_and_its_cpu_copy(seed=7, layers=layers, tied=False)
     assert type(ours.layers[0]) is decoder.CpuTransformerBlock
     numpy_steps = []
     original = decoder.CpuTransformerBlock._decode_input
-    monkeypatch.setattr(decoder.CpuTransformerBlock, "_decode_input",
-                        lambda self, x, cache: numpy_steps.append(original(self, x, cache) is not None) or original(self, x, cache))
+
+    def recording(self, x, cache):
+        h = original(self, x, cache)
+        numpy_steps.append(h is not None)
+        return h
+
+    monkeypatch.setattr(decoder.CpuTransformerBlock, "_decode_input", recording)
     padding = [2, 0, 1]
     ids = mx.random.randint(1, 50, (3, 12))
-    caches = [[BatchKVCache(padding) for _ in range(args.num_hidden_layers)] for _ in range(2)]
+    caches = [[BatchKVCache(padding) for _ in range(layers)] for _ in range(2)]
     for chunk in (ids[:, :6], ids[:, 6:7], ids[:, 7:8], ids[:, 8:9], ids[:, 9:10]):
         numpy_steps.clear()
         ref, out = theirs(chunk, cache=caches[0]), ours(chunk, cache=caches[1])
         assert (mx.abs(out - ref).max() / mx.abs(ref).max()).item() < 1e-5
-        assert numpy_steps == [chunk.shape[1] == 1] * args.num_hidden_layers
+        assert numpy_steps == [chunk.shape[1] == 1] * layers
     for a, b in zip(caches[0], caches[1]):
         assert (mx.abs(a.keys - b.keys).max() <= 1e-5 * mx.abs(a.keys).max()).item()
 

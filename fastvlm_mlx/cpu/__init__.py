@@ -7,7 +7,7 @@ no buffer cache.  This package works around each, in two places only:
    ``prepare_process`` on Linux builds without a GPU backend): an optimized BLAS is preloaded
    (``blas``) and glibc malloc keeps large buffers for reuse (``heap``).
 2. When a model is loaded on the CPU in float32 (``fastvlm_mlx.loader`` calls ``install``): the
-   vision tower, the projector and the decoder's attention, MLPs and linear layers become CPU
+   vision tower, the projector and the decoder's blocks, attention, MLPs and linear layers become CPU
    variants that hold the same weights and compute the same maths with the kernels of ``kernels``,
    ``depthwise`` and ``skinny`` (compiled C for the few-row matmuls of decoding), scheduled by
    ``vision`` and ``decoder``.  The variants add no parameters or state,

@@ -1,7 +1,7 @@
-"""mlx-lm's Qwen2 attention and MLP, and the decoder's linear layers, with the CPU kernels: same
+"""mlx-lm's Qwen2 block, attention and MLP, and the decoder's linear layers, with the CPU kernels: same
 weights and names, same maths.
 
-``fastvlm_mlx.cpu.install`` turns each decoder layer's ``self_attn`` and ``mlp``, and every plain
+``fastvlm_mlx.cpu.install`` turns each decoder layer, its ``self_attn`` and ``mlp``, and every plain
 ``nn.Linear`` and ``nn.Embedding`` of the decoder, into these, so the rest of mlx-lm (KV caches,
 generation loop, sharding, quantization) is untouched.
 """
@@ -137,7 +137,7 @@ def _silu(g: np.ndarray) -> np.ndarray:
 
 
 def install(language_model: nn.Module) -> None:
-    """Turn an mlx-lm Qwen2 model's attention, MLPs, linear layers and embedding into the variants above;
+    """Turn an mlx-lm Qwen2 model's blocks, attention, MLPs, linear layers and embedding into the variants above;
     the few-row kernel is built now, so that a missing compiler is reported at load, not mid-answer."""
     skinny.kernel()
     for layer in language_model.layers:
