@@ -5,12 +5,15 @@
     python -m benchmarks.batch --smoke                      # tiny fixture checkpoint, ours only, seconds
 
 One full-size random-weight checkpoint in mlx-vlm's format (``benchmarks.server.make_checkpoint``) and
-one folder of random 1024 px JPEGs serve every system.  Each run is its own process:
+one folder of random 1024 px JPEGs serve every system.  The checkpoint stores bfloat16, as the published
+conversions do (``--weights float32`` writes a float32 one); every system computes in float32.  Each run is
+its own process:
 
 - ours: ``python -m fastvlm_mlx.batch`` exactly as a user runs it (its summary line gives images/s,
   from the loaded model to the last record); with ``--ranks`` the same command as two ranks on
   127.0.0.1 (``--parallel data`` and ``--parallel tensor``);
-- mlxvlm: mlx-vlm's ``batch_generate`` on chunks of ``batch`` image paths, same optimized BLAS;
+- mlxvlm: mlx-vlm's ``batch_generate`` on chunks of ``batch`` image paths, same optimized BLAS, its model
+  cast to float32 after loading (MLX's CPU half-precision matmuls are its slower choice);
 - hf: transformers' ``FastVlmForConditionalGeneration.generate`` on batches of the decoded, resized
   pictures (random weights; ``min_new_tokens`` keeps every answer at the full length).
 
@@ -96,6 +99,7 @@ def run_mlxvlm(model: Path, paths: list, batch: int, max_tokens: int) -> dict:
 
     mx.set_default_device(mx.cpu)
     lm, processor = load(str(model))
+    lm.set_dtype(mx.float32)
     # the checkpoint carries the small test tokenizer; random weights pick ids beyond it, which mlx-vlm's
     # detokenizer (run after the timed generation of each chunk) cannot look up: give them a string
     tokenmap = getattr(processor.detokenizer, "tokenmap", None)
@@ -160,6 +164,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.batch", description=__doc__.split("\n\n")[0])
     p.add_argument("--model-size", default="0.5B", choices=["0.5B", "1.5B", "7B"])
     p.add_argument("--checkpoint", type=Path, default=None)
+    p.add_argument("--weights", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="what the random-weight checkpoint stores (every system computes in float32)")
     p.add_argument("--images", type=int, default=32, help="pictures ours captions")
     p.add_argument("--peer-images", type=int, default=8, help="pictures each peer captions")
     p.add_argument("--batch-sizes", default="1,4,8")
@@ -191,7 +197,8 @@ def main(argv=None) -> int:
     else:
         from .server import make_checkpoint
 
-        model = make_checkpoint(a.checkpoint or Path(f"/tmp/fastvlm-bench-{a.model_size}"), a.model_size)
+        default = Path(f"/tmp/fastvlm-bench-{a.model_size}" + ("" if a.weights == "float32" else f"-{a.weights}"))
+        model = make_checkpoint(a.checkpoint or default, a.model_size, a.weights)
     base = Path(tempfile.gettempdir()) / f"fastvlm-bench-pictures-{a.resolution}"
     folder = picture_folder(base, max(a.images, a.peer_images), a.resolution)
     with tempfile.TemporaryDirectory(prefix="fastvlm-bench-") as scratch:
@@ -210,7 +217,8 @@ def _compare(a, argv, model: Path, folder: Path, scratch: Path, peers: list, siz
 
     print(json.dumps(dict(benchmark="fastvlm-batch", command=" ".join(["python -m benchmarks.batch"] + (argv or sys.argv[1:])),
                           date=time.strftime("%Y-%m-%d %H:%M"), machine=_machine(), model_size=a.model_size,
-                          resolution=a.resolution, max_tokens=a.max_tokens)), flush=True)
+                          resolution=a.resolution, max_tokens=a.max_tokens,
+                          weights=None if a.smoke else a.weights)), flush=True)
     rows = []
     for batch in sizes:
         row = dict(batch=batch, ours=run_ours(model, ours_folder, batch, a.max_tokens))

@@ -33,9 +33,11 @@ FIXTURE = ROOT / "tests" / "fixtures" / "format_c"
 WEIGHTS_MARK = "benchmark-weights.txt"
 
 
-def make_checkpoint(path: Path, size: str) -> Path:
+def make_checkpoint(path: Path, size: str, dtype: str = "float32") -> Path:
     """A full-size FastVLM in mlx-vlm's format with random weights (written once, reused); its vision tower
-    has timm's initialisation (``shapes.timm_init``), which the file WEIGHTS_MARK records."""
+    has timm's initialisation (``shapes.timm_init``), which the file WEIGHTS_MARK records.  ``dtype`` is what
+    the file stores: "bfloat16" as the published conversions do (mlx-community's FastVLM-0.5B-bf16, the
+    transformers converter's output)."""
     if (path / "config.json").is_file():
         if not (path / WEIGHTS_MARK).is_file():
             raise SystemExit(f"error: {path} was written by an older benchmark, whose vision weights run through "
@@ -60,12 +62,13 @@ def make_checkpoint(path: Path, size: str) -> Path:
     model = Model(ModelConfig(text_config=TextConfig(model_type="qwen2", **text), vision_config=vcfg,
                               model_type="llava_qwen2", mm_hidden_size=3072))
     timm_init(model.vision_tower)
+    model.set_dtype(getattr(mx, dtype))
     mx.eval(model.parameters())
     tmp = path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     save_weights(tmp, model)
     save_config(config, tmp / "config.json")
-    (tmp / WEIGHTS_MARK).write_text("vision tower: benchmarks.shapes.timm_init\n")
+    (tmp / WEIGHTS_MARK).write_text(f"vision tower: benchmarks.shapes.timm_init\nstored as: {dtype}\n")
     for f in FIXTURE.iterdir():
         if f.name not in ("config.json", "model.safetensors"):
             shutil.copy(f, tmp / f.name)

@@ -94,6 +94,17 @@ def specialize(model: FastVLM) -> FastVLM:
     return model
 
 
+def stored_compact(model: FastVLM, dtype: mx.Dtype, cluster: Optional["Cluster"] = None) -> list:
+    """(path, weight) of the decoder weights to keep in the checkpoint's bfloat16 while the model computes in
+    ``dtype``: on the CPU in float32, where the CPU layer widens them exactly as it reads them (``cpu.decoder``);
+    none for a decoder split over ranks, whose layers mlx-lm computes."""
+    if not uses_cpu_layer(dtype) or (cluster is not None and cluster.splits_model):
+        return []
+    from .cpu.decoder import stored_compact as compact_weights
+
+    return compact_weights(model.language_model)
+
+
 def load_model(path: Path, dtype: Optional[mx.Dtype] = None, cluster: Optional["Cluster"] = None) -> FastVLM:
     """Read, build and cast; with a ``cluster`` that splits the model, keep this rank's part of the decoder
     (the weights are still lazy then, so the rest is never materialised) and, on a follower, no vision tower."""
@@ -101,7 +112,10 @@ def load_model(path: Path, dtype: Optional[mx.Dtype] = None, cluster: Optional["
     if cluster is not None and cluster.splits_model:
         cluster.check_split(config.text_args())
     model = build_model(config, weights, str(path))
-    model.set_dtype(dtype or default_dtype())
+    dtype = dtype or default_dtype()
+    compact = stored_compact(model, dtype, cluster)
+    model.set_dtype(dtype)
+    model.language_model.load_weights(compact, strict=False)  # back to the checkpoint's bfloat16
     if cluster is not None and cluster.splits_model:
         cluster.split(model.language_model)
         model._fastvlm_cluster = cluster  # a plain attribute, read by the engine

@@ -121,7 +121,7 @@ def test_without_a_compiler_decoding_warns_once_and_keeps_mlx_matmul(reference, 
     from fastvlm_mlx.cpu import attention, native, skinny
 
     arrays, _ = reference
-    for module, name in ((skinny, "_kernel"), (attention, "_kernel"), (native, "_library")):
+    for module, name in ((skinny, "_kernels"), (attention, "_kernel"), (native, "_library")):
         monkeypatch.setattr(module, name, None)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
@@ -136,7 +136,7 @@ def test_without_a_compiler_decoding_warns_once_and_keeps_mlx_matmul(reference, 
     assert text == processor.tokenizer.decode(arrays["greedy_tokens"].tolist())
     assert not list(tmp_path.glob("fastvlm_mlx/*.so"))  # nothing half-built left behind
 
-    monkeypatch.setattr(skinny, "_kernel", None)
+    monkeypatch.setattr(skinny, "_kernels", None)
     monkeypatch.setenv("FASTVLM_MLX_SKINNY", "0")
     with warnings.catch_warnings():
         warnings.simplefilter("error")

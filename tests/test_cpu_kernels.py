@@ -5,6 +5,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+import pytest
 
 from fastvlm_mlx.cpu import kernels as cpu_math
 
@@ -160,8 +161,11 @@ def test_fused_pointwise_mlp_matches_float64():
     assert (mx.abs(fused - plain).max() <= 1e-5 * mx.abs(plain).max()).item()
 
 
-def _qwen2_and_its_cpu_copy(seed: int, layers: int, tied: bool):
-    """A small mlx-lm Qwen2 with random weights, and a copy of it with the CPU variants installed."""
+def _qwen2_and_its_cpu_copy(seed: int, layers: int, tied: bool, stored=mx.float32):
+    """A small mlx-lm Qwen2 with random weights, and a copy of it with the CPU variants installed.  With
+    ``stored=mx.bfloat16`` the weights are bfloat16 values: ours keeps its linear and embedding weights in
+    bfloat16 as the loader does for a bfloat16 checkpoint, mlx-lm's holds them widened to float32."""
+    from mlx.utils import tree_map
     from mlx_lm.models import qwen2
 
     from fastvlm_mlx.cpu import decoder
@@ -170,27 +174,36 @@ def _qwen2_and_its_cpu_copy(seed: int, layers: int, tied: bool):
                            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=50,
                            tie_word_embeddings=tied)
     mx.random.seed(seed)
-    theirs = qwen2.Model(args)
     ours = qwen2.Model(args)
-    ours.update(theirs.parameters())
+    ours.set_dtype(stored)
+    compact = decoder.stored_compact(ours)
+    ours.set_dtype(mx.float32)
+    ours.load_weights(compact, strict=False)
+    theirs = qwen2.Model(args)
+    theirs.update(tree_map(lambda a: a.astype(mx.float32), ours.parameters()))
     decoder.install(ours)
     return theirs, ours
 
 
-def test_decoder_layers_match_mlx_lm_with_a_cached_prefix(monkeypatch):
+@pytest.mark.parametrize("stored", [mx.float32, mx.bfloat16], ids=["float32", "bfloat16"])
+def test_decoder_layers_match_mlx_lm_with_a_cached_prefix(monkeypatch, stored):
     """mlx-lm's Qwen2 with the CPU variants (attention, SiLU gate, the few-row matmul of every linear layer
     and of the tied output projection) gives mlx-lm's own outputs for a batch of 3: a prefill, a multi-token
-    step over the cached prefix, then single-token decode steps, which go through the compiled kernel."""
+    step over the cached prefix, then single-token decode steps, which go through the compiled kernel (the
+    bfloat16 one for weights stored so)."""
     from mlx_lm.models.cache import make_prompt_cache
 
     from fastvlm_mlx.cpu import decoder, skinny
 
-    theirs, ours = _qwen2_and_its_cpu_copy(seed=5, layers=2, tied=True)
+    theirs, ours = _qwen2_and_its_cpu_copy(seed=5, layers=2, tied=True, stored=stored)
     assert type(ours.layers[0].self_attn.q_proj) is decoder.CpuLinear
     assert type(ours.model.embed_tokens) is decoder.CpuEmbedding
+    assert ours.layers[0].self_attn.q_proj.weight.dtype == ours.model.embed_tokens.weight.dtype == stored
+    assert ours.model.norm.weight.dtype == mx.float32
     kernel_rows = []
-    fn = skinny.kernel()
-    monkeypatch.setattr(skinny, "_kernel", lambda *a: kernel_rows.append(a[3]) or fn(*a))
+    key = np.dtype(np.uint16 if stored == mx.bfloat16 else np.float32)  # the weight's memory as the kernel reads it
+    fn = skinny.kernels()[key]
+    monkeypatch.setitem(skinny._kernels, key, lambda *a: kernel_rows.append(a[3]) or fn(*a))
     ids = mx.random.randint(0, 50, (3, 14))
     caches = [make_prompt_cache(m) for m in (theirs, ours)]
     # prefix, a multi-token step at offset 5 (3 x 2 rows: the kernel), then decode steps
@@ -200,16 +213,19 @@ def test_decoder_layers_match_mlx_lm_with_a_cached_prefix(monkeypatch):
     assert set(kernel_rows) == {6, 3}, set(kernel_rows)  # the 15-row prefill went to MLX's matmul
 
 
-def test_numpy_decode_steps_match_mlx_lm_with_left_padded_batches(monkeypatch):
+@pytest.mark.parametrize("stored", [mx.float32, mx.bfloat16], ids=["float32", "bfloat16"])
+def test_numpy_decode_steps_match_mlx_lm_with_left_padded_batches(monkeypatch, stored):
     """Decode steps of the CPU block (norms, SiLU gate and residuals in NumPy, attention in MLX) against mlx-lm's
     own Qwen2 over a left-padded batch of 3 (``BatchKVCache`` and its mask, as ``BatchGenerator`` decodes) with an
-    untied output projection; every layer of every decode step takes the NumPy path."""
+    untied output projection; every layer of every decode step takes the NumPy path, weights stored in float32 or
+    bfloat16."""
     from mlx_lm.models.cache import BatchKVCache
 
     from fastvlm_mlx.cpu import decoder
 
     layers = 3
-    theirs, ours = _qwen2_and_its_cpu_copy(seed=7, layers=layers, tied=False)
+    theirs, ours = _qwen2_and_its_cpu_copy(seed=7, layers=layers, tied=False, stored=stored)
+    assert ours.lm_head.weight.dtype == ours.layers[0].mlp.down_proj.weight.dtype == stored
     assert type(ours.layers[0]) is decoder.CpuTransformerBlock
     numpy_steps = []
     original = decoder.CpuTransformerBlock._decode_input
@@ -232,18 +248,21 @@ def test_numpy_decode_steps_match_mlx_lm_with_left_padded_batches(monkeypatch):
         assert (mx.abs(a.keys - b.keys).max() <= 1e-5 * mx.abs(a.keys).max()).item()
 
 
-def test_few_row_matmul_matches_float64():
+@pytest.mark.parametrize("stored", [mx.float32, mx.bfloat16], ids=["float32", "bfloat16"])
+def test_few_row_matmul_matches_float64(stored):
     """skinny.c against numpy in float64, over every tile and tail: rows 1-8, widths and depths that are
-    and are not multiples of the tile sizes, one thread and several."""
+    and are not multiples of the tile sizes (16 weights a step for bfloat16), weights stored in float32 or
+    bfloat16 (against the float64 of the bfloat16 values)."""
     from fastvlm_mlx.cpu import skinny
 
     assert skinny.kernel() is not None, "the kernel could not be built (is there a C compiler?)"
     rng = np.random.default_rng(3)
     for rows in range(1, skinny.MAX_ROWS + 1):
-        for n, k in ((1, 1), (7, 13), (8, 8), (37, 64), (100, 901)):
-            x, w = rng.normal(size=(rows, k)).astype(np.float32), rng.normal(size=(n, k)).astype(np.float32)
-            ref = x.astype(np.float64) @ w.astype(np.float64).T
-            out = np.array(skinny.matmul(mx.array(x), mx.array(w)))
+        for n, k in ((1, 1), (7, 13), (8, 8), (37, 64), (19, 40), (100, 901)):
+            x, w = rng.normal(size=(rows, k)).astype(np.float32), mx.array(rng.normal(size=(n, k)).astype(np.float32))
+            w = w.astype(stored)
+            ref = x.astype(np.float64) @ np.array(w.astype(mx.float32)).astype(np.float64).T
+            out = np.array(skinny.matmul(mx.array(x), w))
             assert out.shape == (rows, n)
             assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max(), (rows, n, k)
     x, w = mx.random.normal((2, 3, 64)), mx.random.normal((50, 64))  # leading dimensions are kept

@@ -4,9 +4,9 @@ import json
 
 import mlx.core as mx
 import pytest
-from conftest import FIXTURES, FORMATS, rel_err
+from conftest import FIXTURES, FORMATS, PHOTO, rel_err
 
-from fastvlm_mlx import load
+from fastvlm_mlx import load, stream_generate
 from fastvlm_mlx.model import IMAGE_PLACEHOLDER
 
 TOL = 1e-4
@@ -115,15 +115,33 @@ def test_tied_head_when_lm_head_absent(fixture_copy, reference):
     assert rel_err(first_logits(model, ids), hidden @ embed.T) <= 1e-5
 
 
-def test_bfloat16_checkpoint_loads(fixture_copy, reference):
-    """Released transformers checkpoints are bf16; they load and stay close to the fp32 reference."""
+def test_bfloat16_checkpoint_loads(fixture_copy, reference, monkeypatch):
+    """Released transformers checkpoints are bf16; they load and stay close to the fp32 reference.  On the CPU the
+    decoder's linear and embedding weights stay in bf16 (the kernels widen them exactly), and the model gives the
+    logits of mlx-lm's own Qwen2 computing in float32 on the same values."""
     path = fixture_copy("format_b")
     weights = mx.load(str(path / "model.safetensors"))
     mx.save_safetensors(str(path / "model.safetensors"), {k: v.astype(mx.bfloat16) if v.dtype == mx.float32 else v for k, v in weights.items()})
-    model, _ = load(str(path))
-    arrays, _ = reference
+    model, processor = load(str(path))
+    arrays, meta = reference
     assert model.vision_tower.stem.layers[0].weight.dtype == mx.float32  # CPU default
     assert rel_err(model.encode_image(arrays["pixels"]), arrays["image_embeds"]) <= 0.05
+
+    lm = model.language_model
+    assert {lm.layers[0].mlp.gate_proj.weight.dtype, lm.model.embed_tokens.weight.dtype, lm.lm_head.weight.dtype} == {mx.bfloat16}
+    assert lm.model.norm.weight.dtype == mx.float32 and model.projector.linear_1.weight.dtype == mx.float32
+    monkeypatch.setenv("FASTVLM_MLX_CPU", "0")
+    plain, _ = load(str(path))  # mlx-lm's plain modules, every weight widened to float32
+    assert plain.language_model.layers[0].mlp.gate_proj.weight.dtype == mx.float32
+    ids = processor.encode(meta["prompt_text"])
+    embeds = plain.encode_image(arrays["pixels"])
+    assert rel_err(first_logits(model, ids, embeds), first_logits(plain, ids, embeds)) <= 1e-5
+    text_ids = processor.encode(meta["text_only_prompt"])
+    assert rel_err(first_logits(model, text_ids), first_logits(plain, text_ids)) <= 1e-5
+    ours, theirs = ([r for r in stream_generate(m, processor, "Describe the image.", image=str(PHOTO), max_tokens=12)]
+                    for m in (model, plain))  # decode steps: the bfloat16 kernel against MLX's float32 matmul
+    assert [r.token for r in ours] == [r.token for r in theirs] and len(ours) == 12
+    assert max(rel_err(a.logprobs, b.logprobs) for a, b in zip(ours, theirs)) <= 1e-5
 
 
 def test_image_placeholder_count_checked(loaded):

@@ -11,7 +11,9 @@ no buffer cache.  This package works around each, in two places only:
    variants that hold the same weights and compute the same maths with the kernels of ``kernels``,
    ``depthwise`` and ``skinny`` (compiled C for the few-row matmuls of decoding), scheduled by
    ``vision`` and ``decoder``.  The variants add no parameters or state,
-   so a module becomes its variant by a change of class and every weight stays where it was.
+   so a module becomes its variant by a change of class and every weight stays where it was.  The decoder's
+   linear and embedding weights of a bfloat16 checkpoint stay in bfloat16 (the loader asks
+   ``decoder.stored_compact``), widened exactly by the kernels as they read them.
 
 This ``__init__`` imports nothing from MLX, so that step 1 can run before ``mlx.core`` is loaded.
 

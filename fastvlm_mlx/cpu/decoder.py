@@ -4,6 +4,11 @@ weights and names, same maths.
 ``fastvlm_mlx.cpu.install`` turns each decoder layer, its ``self_attn`` and ``mlp``, and every plain
 ``nn.Linear`` and ``nn.Embedding`` of the decoder, into these, so the rest of mlx-lm (KV caches,
 generation loop, sharding, quantization) is untouched.
+
+The linear and embedding weights may be stored in bfloat16 while the model computes in float32
+(``stored_compact``): a bfloat16 checkpoint's values widen exactly to float32, so the kernels read the
+checkpoint's own 16 bits and widen them as they go (half the bytes a decode step streams), and the
+prefill's BLAS matmuls take a widened copy.
 """
 
 from typing import Optional
@@ -63,17 +68,27 @@ class CpuLinear(nn.Linear):
 
     def __call__(self, x: mx.array) -> mx.array:
         y = skinny.matmul(x, self.weight)
-        if y is None:
-            return super().__call__(x)
-        return y + self.bias if "bias" in self else y
+        if y is not None:
+            return y + self.bias if "bias" in self else y
+        w = _widened(self.weight, x)
+        return mx.addmm(self.bias, x, w.T) if "bias" in self else x @ w.T
 
 
 class CpuEmbedding(nn.Embedding):
     """The tied output projection (151936 x 896 for Qwen2-0.5B, a quarter of its weights) as ``CpuLinear``."""
 
+    def __call__(self, x: mx.array) -> mx.array:
+        rows = self.weight[x]
+        return rows.astype(mx.float32) if rows.dtype == mx.bfloat16 else rows
+
     def as_linear(self, x: mx.array) -> mx.array:
         y = skinny.matmul(x, self.weight)
-        return super().as_linear(x) if y is None else y
+        return x @ _widened(self.weight, x).T if y is None else y
+
+
+def _widened(weight: mx.array, x: mx.array) -> mx.array:
+    """A bfloat16-stored weight as x's float32 for MLX's matmul (exact; MLX widens at the memory's speed)."""
+    return weight.astype(x.dtype) if weight.dtype == mx.bfloat16 and x.dtype == mx.float32 else weight
 
 
 class CpuTransformerBlock(qwen2.TransformerBlock):
@@ -113,13 +128,13 @@ class CpuTransformerBlock(qwen2.TransformerBlock):
             mx.eval(x, [p.weight for p in linears])
         except ValueError:  # being traced (mx.compile): no data to read
             return None
-        if any(p.weight.dtype != mx.float32 or not np.asarray(p.weight).flags.c_contiguous for p in linears):
-            return None
+        if any(skinny.weight_memory(p.weight) is None for p in linears):
+            return None  # other dtypes, or not row-major
         return np.asarray(x).reshape(x.shape[0], -1)
 
 
 def _linear(x: np.ndarray, layer: nn.Linear) -> np.ndarray:
-    y = skinny.rows_times(x, np.asarray(layer.weight))
+    y = skinny.rows_times(x, skinny.weight_memory(layer.weight))
     return y + np.asarray(layer.bias) if "bias" in layer else y
 
 
@@ -134,6 +149,19 @@ def _silu(g: np.ndarray) -> np.ndarray:
     true value is under 1e-36."""
     with np.errstate(over="ignore"):
         return g / (1 + np.exp(-g))
+
+
+def stored_compact(language_model: nn.Module) -> list:
+    """(path, weight) of the decoder's plain linear and embedding weights that the checkpoint stores in
+    bfloat16: the loader keeps them so when it casts the model to float32 (the CPU variants widen them
+    exactly as they read them), which halves their memory and what a decode step streams."""
+    if not skinny.kernels():
+        return []
+    kept = []
+    for path, module in language_model.named_modules():
+        if type(module) in (nn.Linear, nn.Embedding) and module.weight.dtype == mx.bfloat16:
+            kept.append((f"{path}.weight" if path else "weight", module.weight))
+    return kept
 
 
 def install(language_model: nn.Module) -> None:
