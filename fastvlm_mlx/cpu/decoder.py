@@ -101,21 +101,22 @@ class CpuTransformerBlock(qwen2.TransformerBlock):
     or not float32, run as mlx-lm's block does."""
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
-        h = self._decode_input(x, cache)
-        if h is None:
+        step = self._decode_input(x, cache)
+        if step is None:
             return super().__call__(x, mask, cache)
-        attn, mlp = self.self_attn, self.mlp
+        h, (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) = step
         xn = _rms_norm(h, self.input_layernorm)
-        q, k, v = (mx.array(_linear(xn, p)[:, None]) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-        out = attn.attend(q, k, v, mask, cache)
+        q, k, v = (mx.array(_linear(xn, p)[:, None]) for p in (q_proj, k_proj, v_proj))
+        out = self.self_attn.attend(q, k, v, mask, cache)
         mx.eval(out)
-        h = h + _linear(np.asarray(out).reshape(len(h), -1), attn.o_proj)
+        h = h + _linear(np.asarray(out).reshape(len(h), -1), o_proj)
         hn = _rms_norm(h, self.post_attention_layernorm)
-        h = h + _linear(_silu(_linear(hn, mlp.gate_proj)) * _linear(hn, mlp.up_proj), mlp.down_proj)
+        h = h + _linear(_silu(_linear(hn, gate_proj)) * _linear(hn, up_proj), down_proj)
         return mx.array(h[:, None])  # evaluated: the next layer starts without waiting
 
-    def _decode_input(self, x: mx.array, cache) -> Optional[np.ndarray]:
-        """x as a (sequences, hidden) NumPy array when this is a decode step the NumPy path takes, else None."""
+    def _decode_input(self, x: mx.array, cache) -> Optional[tuple]:
+        """(x as a (sequences, hidden) NumPy array, each linear layer as a (weight memory, bias or None) pair) when
+        this is a decode step the NumPy path takes, else None."""
         if x.ndim != 3 or x.shape[1] != 1 or not 0 < x.shape[0] <= skinny.MAX_ROWS or not on_cpu_float32(x):
             return None
         if cache is None or hasattr(cache, "bits") or skinny.kernel() is None:
@@ -125,23 +126,28 @@ class CpuTransformerBlock(qwen2.TransformerBlock):
         if type(attn) is not CpuAttention or any(type(p) is not CpuLinear for p in linears):
             return None  # sharded or quantized layers
         try:
-            mx.eval(x, [p.weight for p in linears])
+            mx.eval(x)
         except ValueError:  # being traced (mx.compile): no data to read
             return None
-        if any(skinny.weight_memory(p.weight) is None for p in linears):
+        weights = [skinny.weight_memory(p.weight) for p in linears]  # reading the memory evaluates a weight
+        if any(w is None for w in weights):
             return None  # other dtypes, or not row-major
-        return np.asarray(x).reshape(x.shape[0], -1)
+        biases = [np.asarray(p.bias) if "bias" in p else None for p in linears]
+        return np.asarray(x).reshape(x.shape[0], -1), tuple(zip(weights, biases))
 
 
-def _linear(x: np.ndarray, layer: nn.Linear) -> np.ndarray:
-    y = skinny.rows_times(x, skinny.weight_memory(layer.weight))
-    return y + np.asarray(layer.bias) if "bias" in layer else y
+def _linear(x: np.ndarray, layer: tuple) -> np.ndarray:
+    """x times a (weight memory, bias or None) pair of ``_decode_input``."""
+    weight, bias = layer
+    y = skinny.rows_times(x, weight)
+    return y if bias is None else y + bias
 
 
 def _rms_norm(x: np.ndarray, norm: nn.RMSNorm) -> np.ndarray:
-    """mx.fast.rms_norm's maths: x / sqrt(mean(x^2) + eps) * weight, in float32."""
-    scale = 1 / np.sqrt(np.mean(np.square(x), axis=-1, keepdims=True) + np.float32(norm.eps))
-    return x * scale * np.asarray(norm.weight)
+    """mx.fast.rms_norm's maths: x / sqrt(mean(x^2) + eps) * weight, in float32 (the mean as a sum: NumPy's
+    np.mean costs more than the arithmetic at these sizes)."""
+    mean = np.square(x).sum(axis=-1, keepdims=True) / np.float32(x.shape[-1])
+    return x * (1 / np.sqrt(mean + np.float32(norm.eps))) * np.asarray(norm.weight)
 
 
 def _silu(g: np.ndarray) -> np.ndarray:
