@@ -42,6 +42,9 @@ def make_checkpoint(path: Path, size: str, dtype: str = "float32") -> Path:
         if not (path / WEIGHTS_MARK).is_file():
             raise SystemExit(f"error: {path} was written by an older benchmark, whose vision weights run through "
                              "subnormal floats: delete it and run again")
+        stored = "bfloat16" if "stored as: bfloat16" in (path / WEIGHTS_MARK).read_text() else "float32"
+        if stored != dtype:
+            raise SystemExit(f"error: {path} stores {stored} weights, not {dtype}: pick another --checkpoint")
         return path
     import mlx.core as mx
     from mlx_vlm.models.fastvlm.config import ModelConfig, TextConfig, VisionConfig
