@@ -119,6 +119,50 @@ def test_blocked_attention_kernel_matches_float64_attention():
         np.abs(np.array(blocked_attention(q, k, v, 0.5, True)) - ref).max() <= 3e-6 * np.abs(ref).max() for _ in range(10)))
 
 
+def _rope64(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
+    """Rotary embedding of x (B, heads, D) in float64, halves rotated as Qwen2 does (transformers' rotate_half)."""
+    half = len(inv_freq)
+    angle = positions.astype(np.float64)[:, None, None] * inv_freq.astype(np.float64)
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
+    return np.concatenate([x1 * np.cos(angle) - x2 * np.sin(angle), x2 * np.cos(angle) + x1 * np.sin(angle), rest], -1)
+
+
+@pytest.mark.parametrize("batch,heads,kv_heads,dim,rope_dims,cached", [
+    (1, 14, 2, 64, 64, 300), (3, 6, 2, 40, 40, 37), (8, 14, 2, 64, 64, 5), (2, 4, 4, 24, 16, 0)])
+def test_decode_step_attention_kernel_matches_float64(batch, heads, kv_heads, dim, rope_dims, cached):
+    """attention.c's decode step (rope, then softmax attention of one new position over the cache and itself)
+    against float64 maths: grouped heads, head sizes that are and are not multiples of 16, a rope over part of
+    the head, positions up to 30000 (angles in double precision), left-padding masks, and the cache as MLX
+    holds it (spare capacity, a buffer sliced past its first positions)."""
+    from fastvlm_mlx.cpu.attention import one_position
+
+    rng = np.random.default_rng(batch * 100 + cached)
+    q = rng.normal(size=(batch, heads, dim)).astype(np.float32)
+    k, v = (rng.normal(size=(batch, kv_heads, dim)).astype(np.float32) for _ in range(2))
+    buffers = [mx.array(rng.normal(size=(batch, kv_heads, cached + 7 + 256, dim)).astype(np.float32)) for _ in range(2)]
+    keys, values = (b[:, :, 7:] for b in buffers)  # as BatchKVCache.filter leaves them: a view past the start
+    positions = rng.integers(0, 30000, size=batch).astype(np.float32)
+    inv_freq = (1 / np.float32(1e6) ** (np.arange(0, rope_dims, 2, dtype=np.float32) / rope_dims)).astype(np.float32)
+    keep = rng.random((batch, cached + 1)) < 0.8
+    keep[:, -1] = True  # a position always sees itself
+    for mask in (None, keep):
+        found = one_position(q, k, v, keys, values, cached, positions, inv_freq, mask, 0.3)
+        assert found is not None
+        out, k_roped = found
+        q64, k64 = (_rope64(a.astype(np.float64), positions, inv_freq) for a in (q, k))
+        assert np.abs(k_roped - k64).max() <= 2e-6 * np.abs(k64).max()
+        all_keys = np.concatenate([np.asarray(keys)[:, :, :cached], k64[:, :, None]], axis=2).astype(np.float64)
+        all_values = np.concatenate([np.asarray(values)[:, :, :cached], v[:, :, None]], axis=2).astype(np.float64)
+        group = heads // kv_heads
+        scores = np.einsum("bgrd,bgtd->bgrt", q64.reshape(batch, kv_heads, group, dim) * 0.3, all_keys)
+        if mask is not None:
+            scores = np.where(mask[:, None, None], scores, -np.inf)
+        weights = np.exp(scores - scores.max(-1, keepdims=True))
+        ref = np.einsum("bgrt,bgtd->bgrd", weights / weights.sum(-1, keepdims=True), all_values).reshape(batch, -1)
+        assert out.shape == (batch, heads * dim)
+        assert np.abs(out - ref).max() <= 3e-6 * np.abs(ref).max(), (mask is None, np.abs(out - ref).max())
+
+
 def test_fused_pointwise_mlp_matches_float64():
     """mlp.c's residual + scale * fc2(gelu(fc1(x))) in both layouts, over several blocks of positions with a
     ragged tail and a batch of 2, against float64 with the exact erf GELU; the tower takes this path."""
@@ -214,21 +258,23 @@ def test_decoder_layers_match_mlx_lm_with_a_cached_prefix(monkeypatch, stored):
 
 
 @pytest.mark.parametrize("stored", [mx.float32, mx.bfloat16], ids=["float32", "bfloat16"])
-def test_numpy_decode_steps_match_mlx_lm_with_left_padded_batches(monkeypatch, stored):
-    """Decode steps of the CPU block (norms, SiLU gate and residuals in NumPy, attention in MLX) against mlx-lm's
-    own Qwen2 over a left-padded batch of 3 (``BatchKVCache`` and its mask, as ``BatchGenerator`` decodes) with an
-    untied output projection; every layer of every decode step takes the NumPy path, weights stored in float32 or
-    bfloat16."""
-    from mlx_lm.models.cache import BatchKVCache
+@pytest.mark.parametrize("cache_kind", ["batch", "rotating"])
+def test_numpy_decode_steps_match_mlx_lm_with_left_padded_batches(monkeypatch, stored, cache_kind):
+    """Decode steps of the CPU block (norms, SiLU gate and residuals in NumPy) against mlx-lm's own Qwen2, with an
+    untied output projection and weights stored in float32 or bfloat16: over a left-padded batch of 3
+    (``BatchKVCache`` and its mask, as ``BatchGenerator`` decodes) the rope and attention go through attention.c;
+    over a ``RotatingKVCache`` (``max_kv_size``) through mlx-lm's attention. Every layer of every decode step takes
+    the NumPy path, and the caches end equal."""
+    from mlx_lm.models.cache import BatchKVCache, RotatingKVCache
 
-    from fastvlm_mlx.cpu import decoder
+    from fastvlm_mlx.cpu import attention, decoder
 
     layers = 3
     theirs, ours = _qwen2_and_its_cpu_copy(seed=7, layers=layers, tied=False, stored=stored)
     assert ours.lm_head.weight.dtype == ours.layers[0].mlp.down_proj.weight.dtype == stored
     assert type(ours.layers[0]) is decoder.CpuTransformerBlock
-    numpy_steps = []
-    original = decoder.CpuTransformerBlock._decode_input
+    numpy_steps, kernel_steps = [], []
+    original, kernel = decoder.CpuTransformerBlock._decode_input, attention.one_position
 
     def recording(self, x, cache):
         h = original(self, x, cache)
@@ -236,14 +282,22 @@ def test_numpy_decode_steps_match_mlx_lm_with_left_padded_batches(monkeypatch, s
         return h
 
     monkeypatch.setattr(decoder.CpuTransformerBlock, "_decode_input", recording)
+    monkeypatch.setattr(decoder, "one_position", lambda *a: kernel_steps.append(a[5]) or kernel(*a))
     padding = [2, 0, 1]
     ids = mx.random.randint(1, 50, (3, 12))
-    caches = [[BatchKVCache(padding) for _ in range(layers)] for _ in range(2)]
+    if cache_kind == "batch":
+        caches = [[BatchKVCache(padding) for _ in range(layers)] for _ in range(2)]
+    else:
+        caches = [[RotatingKVCache(max_size=8) for _ in range(layers)] for _ in range(2)]
     for chunk in (ids[:, :6], ids[:, 6:7], ids[:, 7:8], ids[:, 8:9], ids[:, 9:10]):
         numpy_steps.clear()
+        kernel_steps.clear()
         ref, out = theirs(chunk, cache=caches[0]), ours(chunk, cache=caches[1])
         assert (mx.abs(out - ref).max() / mx.abs(ref).max()).item() < 1e-5
-        assert numpy_steps == [chunk.shape[1] == 1] * layers
+        decoding = chunk.shape[1] == 1
+        assert numpy_steps == [decoding] * layers
+        assert len(kernel_steps) == (layers if decoding and cache_kind == "batch" else 0)
+        assert all(cached == caches[0][0].state[4] - 1 for cached in kernel_steps)  # what the cache held before
     for a, b in zip(caches[0], caches[1]):
         assert (mx.abs(a.keys - b.keys).max() <= 1e-5 * mx.abs(a.keys).max()).item()
 

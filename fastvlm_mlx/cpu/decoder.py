@@ -18,15 +18,17 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models import qwen2
 from mlx_lm.models.base import scaled_dot_product_attention
+from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from . import skinny
+from .attention import one_position
 from .kernels import attention, on_cpu_float32, swiglu
 
 
 class CpuAttention(qwen2.Attention):
     """Steps of more than one position (the prefill) use ``kernels.attention``, whose softmax is 7x faster
-    than MLX's on the CPU; one-token decode steps, quantized KV caches, explicit mask arrays and other
-    dtypes go to mlx-lm's own code."""
+    than MLX's on the CPU; ``CpuTransformerBlock``'s decode steps use ``attend_one_position``; other one-token
+    steps, quantized KV caches, explicit mask arrays and other dtypes go to mlx-lm's own code."""
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         length = x.shape[1]
@@ -52,6 +54,51 @@ class CpuAttention(qwen2.Attention):
         else:
             out = attention(q, k, v, self.scale, causal=mask == "causal")
         return out.transpose(0, 2, 1, 3).reshape(b, length, -1)
+
+    def attend_one_position(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask, cache) -> Optional[np.ndarray]:
+        """``attend`` for a decode step on NumPy rows, (sequences, width) in and out: the rope and the attention
+        in ``attention.c``, which reads mlx-lm's cache as it is; the new key and value go into that cache
+        without waiting for it. MLX's CPU rope and attention took ~0.4 ms a layer for these few thousand
+        floats. None where this does not apply (other caches, additive masks, other rope variants, no
+        compiler): the caller then takes ``attend``."""
+        if type(cache) not in (KVCache, BatchKVCache) or cache.keys is None or not _plain_rope(self.rope):
+            return None
+        b = len(q)
+        found = self._attend_cached(q.reshape(b, self.n_heads, -1), k.reshape(b, self.n_kv_heads, -1),
+                                    v.reshape(b, self.n_kv_heads, -1), mask, cache)
+        if found is None:
+            return None
+        out, k_roped = found
+        # the cache's old buffers must have no other holders now, so that MLX writes the new position in place
+        cache.update_and_fetch(mx.array(k_roped[:, :, None]), mx.array(v.reshape(b, self.n_kv_heads, 1, -1)))
+        mx.async_eval(cache.keys, cache.values, *([cache.offset] if isinstance(cache.offset, mx.array) else []))
+        return out
+
+    def _attend_cached(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask, cache) -> Optional[tuple]:
+        cached = cache.offset if type(cache) is KVCache else cache.state[4]  # positions in the buffers
+        keep = _kept_keys(mask, len(q), cached + 1)
+        if keep is False:
+            return None
+        positions = np.broadcast_to(np.asarray(cache.offset, dtype=np.float32), (len(q),))
+        inv_freq = 1 / np.float32(self.rope.base) ** (np.arange(0, self.rope.dims, 2, dtype=np.float32) / self.rope.dims)
+        inv_freq = inv_freq * np.float32(self.rope.scale)  # nn.RoPE scales the positions
+        return one_position(q, k, v, cache.keys, cache.values, cached, positions, inv_freq, keep, self.scale)
+
+
+def _plain_rope(rope) -> bool:
+    """Qwen2's rope as ``attention.c`` applies it: nn.RoPE with its halves rotated (not interleaved)."""
+    return type(rope) is nn.RoPE and not rope.traditional
+
+
+def _kept_keys(mask, sequences: int, keys: int):
+    """A decode step's mask as (sequences, keys) booleans: None when every key is seen, False for masks the kernel
+    does not take (additive ones, several query positions)."""
+    if mask is None or isinstance(mask, str):  # "causal": the one new position sees the whole cache
+        return None
+    if mask.dtype != mx.bool_ or mask.ndim not in (2, 4) or mask.shape[-1] != keys or mask.size // keys not in (1, sequences):
+        return False
+    kept = np.asarray(mask).reshape(-1, keys)
+    return np.broadcast_to(kept, (sequences, keys))
 
 
 class CpuMLP(qwen2.MLP):
@@ -96,9 +143,10 @@ class CpuTransformerBlock(qwen2.TransformerBlock):
 
     These are a few thousand floats per step, but handing each matmul's input from MLX to ``skinny`` means
     waiting for MLX's CPU stream (70-250 us on a 2-vCPU machine, most of it waking the idle vCPU), four
-    times a layer. With the small maths in NumPy, a layer waits for MLX once: for its attention, which
-    stays in MLX (rope, the KV cache and its masks). Prefills, and layers that are sharded, quantized
-    or not float32, run as mlx-lm's block does."""
+    times a layer. With the small maths in NumPy and the rope and attention in ``attention.c``
+    (``CpuAttention.attend_one_position``), a layer does not wait for MLX at all: the new key and value go into
+    mlx-lm's KV cache asynchronously. Other caches and masks take mlx-lm's attention, one wait a layer.
+    Prefills, and layers that are sharded, quantized or not float32, run as mlx-lm's block does."""
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         step = self._decode_input(x, cache)
@@ -106,10 +154,12 @@ class CpuTransformerBlock(qwen2.TransformerBlock):
             return super().__call__(x, mask, cache)
         h, (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) = step
         xn = _rms_norm(h, self.input_layernorm)
-        q, k, v = (mx.array(_linear(xn, p)[:, None]) for p in (q_proj, k_proj, v_proj))
-        out = self.self_attn.attend(q, k, v, mask, cache)
-        mx.eval(out)
-        h = h + _linear(np.asarray(out).reshape(len(h), -1), o_proj)
+        q, k, v = (_linear(xn, p) for p in (q_proj, k_proj, v_proj))
+        out = self.self_attn.attend_one_position(q, k, v, mask, cache)
+        if out is None:
+            out = self.self_attn.attend(*(mx.array(a[:, None]) for a in (q, k, v)), mask, cache)
+            out = np.asarray(out).reshape(len(h), -1)
+        h = h + _linear(out, o_proj)
         hn = _rms_norm(h, self.post_attention_layernorm)
         h = h + _linear(_silu(_linear(hn, gate_proj)) * _linear(hn, up_proj), down_proj)
         return mx.array(h[:, None])  # evaluated: the next layer starts without waiting

@@ -18,6 +18,7 @@ HERE = Path(__file__).parent
 SOURCES = [HERE / name for name in ("pool.c", "skinny.c", "attention.c", "depthwise.c", "mlp.c")]
 HEADERS = [HERE / "native.h"]
 FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-pthread"]
+LIBRARIES = ["-lm"]
 MAX_THREADS = 8  # beyond the memory's bandwidth for decoding, and plenty for the 2-16 cores of a Mac or PC
 
 _library = None  # the loaded library, or the exception that building it raised
@@ -47,7 +48,7 @@ def library_path(compiler: str) -> Path:
     key = hashlib.sha256()
     for source in SOURCES + HEADERS:
         key.update(source.name.encode() + source.read_bytes())
-    key.update(" ".join([compiler] + FLAGS).encode() + _cpu_identity().encode())
+    key.update(" ".join([compiler] + FLAGS + LIBRARIES).encode() + _cpu_identity().encode())
     return _cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
 
 
@@ -63,7 +64,7 @@ def build() -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        command = [compiler, *FLAGS, f"-I{HERE}", *map(str, SOURCES), "-o", tmp]
+        command = [compiler, *FLAGS, f"-I{HERE}", *map(str, SOURCES), *LIBRARIES, "-o", tmp]
         done = subprocess.run(command, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
