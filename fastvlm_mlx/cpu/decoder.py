@@ -11,6 +11,7 @@ checkpoint's own 16 bits and widen them as they go (half the bytes a decode step
 prefill's BLAS matmuls take a widened copy.
 """
 
+import functools
 from typing import Optional
 
 import mlx.core as mx
@@ -80,9 +81,17 @@ class CpuAttention(qwen2.Attention):
         if keep is False:
             return None
         positions = np.broadcast_to(np.asarray(cache.offset, dtype=np.float32), (len(q),))
-        inv_freq = 1 / np.float32(self.rope.base) ** (np.arange(0, self.rope.dims, 2, dtype=np.float32) / self.rope.dims)
-        inv_freq = inv_freq * np.float32(self.rope.scale)  # nn.RoPE scales the positions
+        inv_freq = _rope_frequencies(self.rope.dims, self.rope.base, self.rope.scale)
         return one_position(q, k, v, cache.keys, cache.values, cached, positions, inv_freq, keep, self.scale)
+
+
+@functools.lru_cache(maxsize=8)
+def _rope_frequencies(dims: int, base: float, scale: float) -> np.ndarray:
+    """The rope's angle per position for each pair of dimensions, in float32 as transformers' Qwen2 takes them
+    (1 / base ** (2i / dims)), times nn.RoPE's position scale."""
+    inv_freq = 1 / np.float32(base) ** (np.arange(0, dims, 2, dtype=np.float32) / np.float32(dims)) * np.float32(scale)
+    inv_freq.flags.writeable = False
+    return inv_freq
 
 
 def _plain_rope(rope) -> bool:

@@ -92,7 +92,10 @@ TILE(8, 1) TILE(4, 1) TILE(2, 1) TILE(1, 1)
             }                                                                                             \
             for (int i = 0; i < MB; i++) {                                                                \
                 v8 xe = load8(x + (size_t)i * K + k / 2), xo = load8(x + (size_t)i * K + half + k / 2);   \
-                for (int r = 0; r < RB; r++) acc[i][r] += xe * even[r] + xo * odd[r];                     \
+                for (int r = 0; r < RB; r++) { /* two FMAs (one sum of two products: a mul, an FMA, an add) */ \
+                    acc[i][r] += xe * even[r];                                                            \
+                    acc[i][r] += xo * odd[r];                                                             \
+                }                                                                                         \
             }                                                                                             \
         }                                                                                                 \
         for (int i = 0; i < MB; i++)                                                                      \
