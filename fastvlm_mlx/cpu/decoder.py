@@ -76,6 +76,8 @@ class CpuAttention(qwen2.Attention):
         return out
 
     def _attend_cached(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask, cache) -> Optional[tuple]:
+        """(out, roped key) from the cache as it stands, or None. A function of its own so that its NumPy views
+        of the cache's buffers are gone when the caller updates the cache (else MLX copies the whole buffer)."""
         cached = cache.offset if type(cache) is KVCache else cache.state[4]  # positions in the buffers
         keep = _kept_keys(mask, len(q), cached + 1)
         if keep is False:
