@@ -2,6 +2,7 @@
 
     python -m benchmarks.server --peers mlxvlm              # 0.5B, 1024 px, concurrency 1, 4, 8
     python -m benchmarks.server --smoke                     # tiny fixture checkpoint, seconds
+    python -m benchmarks.server --memory 100                # our server's memory over 100 requests
 
 The checkpoint is written once (default /tmp/fastvlm-bench-0.5B) in mlx-vlm's own format (format C:
 mlx-vlm's FastVLM model with its random initialisation, saved by mlx-vlm's ``save_weights``), with the
@@ -89,11 +90,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(system: str, model: Path, max_batch: int):
+def start(system: str, model: Path, max_batch: int, extra=()):
     port = free_port()
     if system == "ours":
         cmd = [sys.executable, "-m", "fastvlm_mlx.server", "--model", str(model), "--port", str(port),
-               "--max-batch", str(max_batch)]
+               "--max-batch", str(max_batch), *extra]
     else:
         cmd = [sys.executable, "-m", "mlx_vlm.server", "--model", str(model), "--host", "127.0.0.1", "--port", str(port)]
     log = open(f"/tmp/fastvlm-bench-{system}.log", "w")
@@ -184,6 +185,45 @@ def run_level(port, model_name, urls, concurrency, max_tokens, log: Path = None)
                 ttft_p95_s=round(percentile(ttfts, 0.95), 3))
 
 
+def scrape(port: int) -> dict:
+    """The server's memory gauges from /metrics (bytes)."""
+    import httpx
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+    names = ("mlx_active_memory_bytes", "mlx_cache_memory_bytes", "mlx_peak_memory_bytes", "resident_memory_bytes",
+             "image_cache_bytes", "prompt_cache_bytes")
+    values = {}
+    for line in text.splitlines():
+        for name in names:
+            if line.startswith(f"fastvlm_{name} "):
+                values[name] = int(float(line.split()[1]))
+    return values
+
+
+def memory_run(port: int, model_name: str, requests: int, resolution: int, max_tokens: int, warmup: int) -> dict:
+    """``requests`` requests one after another, each with a new picture; memory after each.
+
+    The image-feature and prompt caches grow by design up to their bounds (``--cache-mb``: small, so that they
+    fill during warm-up).  Flat: after warm-up, no reading exceeds the highest one during warm-up by more
+    than 2%."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=3600)
+    rows = []
+    for i in range(requests):
+        (url,) = images(1, resolution, seed=10_000 + i)
+        one_request(client, model_name, url, f"Describe picture {i}.", max_tokens)
+        rows.append(dict(request=i + 1, **scrape(port)))
+        print(json.dumps(rows[-1]), flush=True)
+    summary = {}
+    for name in ("resident_memory_bytes", "mlx_active_memory_bytes", "mlx_peak_memory_bytes", "mlx_cache_memory_bytes"):
+        during = max(r[name] for r in rows[:warmup])
+        after = [r[name] for r in rows[warmup:]]
+        summary[name] = dict(max_in_warmup=during, min_after=min(after), max_after=max(after),
+                             growth_after_warmup=max(after) - min(after), flat=max(after) <= during * 1.02)
+    return summary
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.server", description=__doc__.split("\n\n")[0])
     p.add_argument("--model-size", default="0.5B", choices=["0.5B", "1.5B", "7B"])
@@ -193,6 +233,11 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--peers", default="")
     p.add_argument("--smoke", action="store_true", help="the tiny fixture checkpoint (ours only)")
+    p.add_argument("--memory", type=int, default=0, metavar="N",
+                   help="instead: N requests with new images to our server, its memory after each")
+    p.add_argument("--warmup", type=int, default=10, help="with --memory: requests counted as warm-up")
+    p.add_argument("--cache-mb", default="8,64", help="with --memory: the server's image-feature and prompt cache "
+                   "bounds in MiB (small, so that they fill during warm-up)")
     a = p.parse_args(argv)
     if a.smoke:
         model, resolution = ROOT / "tests" / "fixtures" / "format_a", 256
@@ -205,6 +250,16 @@ def main(argv=None) -> int:
     print(json.dumps({"benchmark": "fastvlm-server", "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
                       "command": " ".join(["python -m benchmarks.server"] + (argv if argv is not None else sys.argv[1:])),
                       "cpu_count": os.cpu_count(), "checkpoint": str(model)}), flush=True)
+    if a.memory:
+        image_mb, prompt_mb = a.cache_mb.split(",")
+        proc, port = start("ours", model, 1, ["--image-cache-mb", image_mb, "--prompt-cache-mb", prompt_mb])
+        try:
+            summary = memory_run(port, str(model), a.memory, resolution, a.max_tokens, min(a.warmup, a.memory - 1))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        print(json.dumps({"memory_summary": summary}), flush=True)
+        return 0 if all(v["flat"] for v in summary.values()) else 1
     records = {}
     for system in ["ours"] + [s for s in a.peers.split(",") if s]:
         proc, port = start(system, model, max(levels))

@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 from typing import Dict, Hashable, List, Optional, Sequence
 
 import mlx.core as mx
-from mlx_lm.generate import BatchGenerator
+from mlx_lm.generate import BatchGenerator, generation_stream, wired_limit
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
-from .engine import Engine, Prompt, Sampling
+from .engine import Engine, Prompt, Sampling, check_finite
+from .errors import NonFiniteLogitsError
+from .mlx_thread import runs_on_mlx_thread
 
 DEFAULT_PROMPT_CACHE_BYTES = 1 << 30
 CACHE_KEY = "fastvlm"  # LRUPromptCache keys entries by model; one decoder serves one model
@@ -47,6 +49,7 @@ class Token:
     eos: bool
     generation_tokens: int
     finish_reason: Optional[str]
+    error: Optional[str] = None  # why the sequence was dropped (finish_reason "error")
 
 
 @dataclass
@@ -58,6 +61,9 @@ class _Sequence:
 
 
 class BatchDecoder:
+    """Every method runs on the MLX thread (``mlx_thread``), whichever thread calls it."""
+
+    @runs_on_mlx_thread
     def __init__(self, engine: Engine, max_batch: int = 8, prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
                  prefill_step: int = 2048):
         self.engine = engine
@@ -81,6 +87,7 @@ class BatchDecoder:
     def __len__(self) -> int:
         return len(self.running)
 
+    @runs_on_mlx_thread
     def admit(self, requests: Sequence[tuple]) -> List[Admitted]:
         """Prefill ``(Prompt, Sampling)`` pairs and add them to the batch; returns one Admitted each."""
         if self.cluster is not None:
@@ -92,7 +99,10 @@ class BatchDecoder:
             digests += prompt.digests
         encoded = dict(zip(digests, self.engine.encode_images(pixels, digests))) if digests else {}
         vision_ms = (time.perf_counter() - start) * 1e3
-        return [self._admit_one(prompt, sampling, encoded, vision_ms) for prompt, sampling in requests]
+        with wired_limit(self.model, [generation_stream]):
+            admitted = [self._admit_one(prompt, sampling, encoded, vision_ms) for prompt, sampling in requests]
+        mx.clear_cache()  # the prefill's activations are transient
+        return admitted
 
     def _admit_one(self, prompt: Prompt, sampling: Sampling, encoded: dict, vision_ms: float) -> Admitted:
         positions = prompt.positions()
@@ -117,6 +127,7 @@ class BatchDecoder:
         self.running[uid] = _Sequence(admitted, self.tokenizer.detokenizer)
         return admitted
 
+    @runs_on_mlx_thread
     def step(self) -> List[Token]:
         """One decode step of every running sequence (the first token of a new one included)."""
         if not self.running:
@@ -129,6 +140,14 @@ class BatchDecoder:
         for r in self.generator.next_generated():
             seq = self.running.get(r.uid)
             if seq is None:
+                continue
+            try:
+                check_finite(r.logprobs, r.token, self.engine.dtype)
+            except NonFiniteLogitsError as e:  # this sequence ends with the error; the batch goes on
+                if r.finish_reason is None:
+                    self.generator.remove([r.uid])
+                self.running.pop(r.uid)
+                out.append(Token(r.uid, r.token, r.logprobs, "", False, seq.answer_tokens, "error", str(e)))
                 continue
             seq.fed.append(r.token)
             eos = r.token in self.tokenizer.eos_token_ids
@@ -143,6 +162,7 @@ class BatchDecoder:
                 self._finish(r.uid, r.prompt_cache)
         return out
 
+    @runs_on_mlx_thread
     def cancel(self, uid: int) -> None:
         """Drop a sequence from the batch now (a client went away, or a stop string matched)."""
         if uid in self.running:
@@ -160,6 +180,8 @@ class BatchDecoder:
                 trim_prompt_cache(kv, extra)
             if kv[0].offset == len(key):
                 self.prompt_cache.insert_cache(CACHE_KEY, key, kv)
+        if not self.running:
+            mx.clear_cache()  # idle: freed buffers go back to the system
 
     @property
     def cache_bytes(self) -> int:

@@ -19,11 +19,13 @@ from typing import Callable, Hashable, Iterator, List, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import GenerationResponse as LMResponse
+from mlx_lm.generate import generation_stream, wired_limit
 from mlx_lm.generate import stream_generate as lm_stream_generate
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
 
-from .errors import FastVLMError
+from .errors import FastVLMError, NonFiniteLogitsError
+from .mlx_thread import runs_on_mlx_thread, streams_on_mlx_thread
 from .model import IMAGE_PLACEHOLDER, FastVLM
 from .processor import DEFAULT_SYSTEM, FastVLMProcessor, one_turn
 
@@ -97,6 +99,23 @@ class Sampling:
             repetition_penalty=self.repetition_penalty, repetition_context_size=self.repetition_context_size
         )
         return penalties + list(self.logits_processors)
+
+
+def check_finite(logprobs: mx.array, token: int, dtype: mx.Dtype) -> None:
+    """Raise a clear error, instead of streaming garbage, when the logits overflowed ``dtype``.
+
+    A NaN or infinite logit makes the log-softmax non-finite at the sampled token too, so one element
+    tells."""
+    if np.isfinite(logprobs.reshape(-1)[token].item()):
+        return
+    name = str(dtype).rsplit(".", 1)[-1]
+    if dtype == mx.float32:
+        advice = "the checkpoint's weights may be damaged"
+    elif dtype == mx.bfloat16:
+        advice = "load it with dtype='float32' (--dtype float32)"
+    else:
+        advice = "load it with dtype='bfloat16' (--dtype bfloat16) or 'float32'"
+    raise NonFiniteLogitsError(f"the model's logits are not finite (NaN or inf) in {name}: {advice}")
 
 
 def image_digest(pixels: mx.array) -> str:
@@ -244,6 +263,11 @@ class Engine:
         self.image_cache = ImageFeatureCache(image_cache_bytes)
         self.cluster = getattr(model, "_fastvlm_cluster", None)  # set by load() when the decoder is split
 
+    @property
+    def dtype(self) -> mx.Dtype:
+        """What the decoder computes in."""
+        return self.model.language_model.model.norm.weight.dtype
+
     # ------------------------------------------------------------------ 1. render and tokenize
     def prepare(self, messages: Sequence[dict], system: Optional[str] = DEFAULT_SYSTEM) -> Prompt:
         """Render the conversation, tokenize it, preprocess its images and check it fits the context."""
@@ -255,6 +279,7 @@ class Engine:
         return Prompt(ids, pixels, [image_digest(p) for p in pixels], image_tokens)
 
     # -------------------------------------------------------------------- 2. encode images
+    @runs_on_mlx_thread
     def encode_images(self, pixels: Sequence[mx.array], digests: Sequence[str]) -> List[mx.array]:
         """Projected embeddings (N, hidden) per image: from the cache, the misses in one tower call.
 
@@ -262,7 +287,7 @@ class Engine:
         if self.cluster is None or not digests:
             return self._encode_here(pixels, digests)
         shape = (len(digests), self.model.config.num_image_tokens, self.model.config.text_args().hidden_size)
-        dtype = self.model.language_model.model.norm.weight.dtype
+        dtype = self.dtype
         mine = mx.stack(self._encode_here(pixels, digests)).astype(dtype) if self.cluster.leader else None
         return list(self.cluster.share_images(mine, shape, dtype))
 
@@ -272,11 +297,15 @@ class Engine:
         if missing:
             first = {d: p for d, p in zip(digests, pixels)}
             batch = mx.concatenate([first[d] for d in missing]).astype(self.model.vision_tower.dtype)
-            embeds = self.model.encode_image(batch)
-            mx.eval(embeds)
-            for i, d in enumerate(missing):
-                found[d] = embeds[i]
-                self.image_cache.put(d, embeds[i])
+            with wired_limit(self.model, [generation_stream]):
+                embeds = self.model.encode_image(batch)
+                per_image = [embeds[i] for i in range(len(missing))]
+                mx.eval(per_image)
+            del embeds, batch
+            mx.clear_cache()  # the tower's activations are transient: hand them back, not to Metal's buffer cache
+            for d, e in zip(missing, per_image):
+                found[d] = e
+                self.image_cache.put(d, e)
         return [found[d] for d in digests]
 
     # ------------------------------------------------------------------------- 3. splice
@@ -298,6 +327,7 @@ class Engine:
         return self.model.embed_prompt(prompt.ids, image_embeds)[start:]
 
     # ---------------------------------------------------------------- 4. prefill and decode
+    @streams_on_mlx_thread
     def stream(
         self, prompt: Prompt, sampling: Sampling, cache: Optional[PromptCache] = None, **generate_kwargs
     ) -> Iterator[GenerationResponse]:
@@ -333,6 +363,7 @@ class Engine:
             ):
                 if ttft_ms is None:
                     ttft_ms = (time.perf_counter() - start) * 1e3
+                check_finite(r.logprobs, r.token, self.dtype)
                 generated.append(r.token)
                 try:
                     yield GenerationResponse(
@@ -351,7 +382,9 @@ class Engine:
         finally:  # also when the caller stops early: the cache holds what was fed, and says so
             if cache is not None:
                 cache.record(positions + generated)
+            mx.clear_cache()  # between requests, freed buffers go back to the system
 
+    @runs_on_mlx_thread
     def forget(self, cache: PromptCache) -> None:
         """A conversation's cache is no longer needed (its follower-rank counterparts can go)."""
         if self.cluster is not None:

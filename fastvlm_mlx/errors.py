@@ -8,6 +8,10 @@ class FastVLMError(Exception):
     """A user-facing problem with an input: the message names the input and what is wrong with it."""
 
 
+class NonFiniteLogitsError(FastVLMError):
+    """The model's logits overflowed the precision it computes in (float16 on Qwen2's larger models)."""
+
+
 def lost_peer(e: BaseException) -> bool:
     """Whether MLX's distributed backend failed because another rank went away."""
     return isinstance(e, RuntimeError) and str(e).startswith(("[ring]", "[mpi]", "[jaccl]"))

@@ -6,13 +6,14 @@ needed).  This is also the one place where a backend's speed path is chosen (``s
 """
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .checkpoints import read_checkpoint
 from .errors import FastVLMError
+from .mlx_thread import runs_on_mlx_thread
 from .model import FastVLM, ModelConfig
 
 if TYPE_CHECKING:
@@ -22,9 +23,38 @@ if TYPE_CHECKING:
 DEFAULT_MODEL = "apple/FastVLM-0.5B"
 
 
-def default_dtype() -> mx.Dtype:
-    """float32 on CPU (MLX's CPU half-precision and quantized matmuls are far slower), float16 on a GPU."""
-    return mx.float16 if mx.default_device() == mx.gpu else mx.float32
+DTYPE_ENV = "FASTVLM_MLX_DTYPE"
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def parse_dtype(name: str) -> mx.Dtype:
+    """``float32``, ``float16`` or ``bfloat16`` (as ``--dtype`` and FASTVLM_MLX_DTYPE spell it)."""
+    found = DTYPES.get(str(name).strip().lower().replace("mlx.core.", ""))
+    if found is None:
+        raise FastVLMError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
+    return found
+
+
+def stored_dtype(weights: Dict[str, mx.array]) -> mx.Dtype:
+    """The floating dtype the checkpoint stores its decoder in (its final norm is never quantized)."""
+    norm = weights.get("language_model.model.norm.weight")
+    if norm is not None and mx.issubdtype(norm.dtype, mx.floating):
+        return norm.dtype
+    floats = [w.dtype for w in weights.values() if mx.issubdtype(w.dtype, mx.floating)]
+    return max(set(floats), key=floats.count) if floats else mx.float32
+
+
+def default_dtype(stored: mx.Dtype = mx.float32) -> mx.Dtype:
+    """The dtype a model computes in when the caller names none.
+
+    FASTVLM_MLX_DTYPE when set.  On a GPU the checkpoint's own dtype, as mlx-lm does: a bfloat16
+    checkpoint cast to float16 overflows in Qwen2's larger models.  On the CPU float32, since MLX's CPU
+    half-precision and quantized matmuls are far slower (and the CPU layer computes in float32)."""
+    import os
+
+    if os.environ.get(DTYPE_ENV):
+        return parse_dtype(os.environ[DTYPE_ENV])
+    return stored if mx.default_device() == mx.gpu else mx.float32
 
 
 def resolve_path(path_or_repo: str) -> Path:
@@ -105,14 +135,15 @@ def stored_compact(model: FastVLM, dtype: mx.Dtype, cluster: Optional["Cluster"]
     return compact_weights(model.language_model)
 
 
-def load_model(path: Path, dtype: Optional[mx.Dtype] = None, cluster: Optional["Cluster"] = None) -> FastVLM:
+def load_model(path: Path, dtype: Union[mx.Dtype, str, None] = None, cluster: Optional["Cluster"] = None) -> FastVLM:
     """Read, build and cast; with a ``cluster`` that splits the model, keep this rank's part of the decoder
     (the weights are still lazy then, so the rest is never materialised) and, on a follower, no vision tower."""
     config, weights = read_checkpoint(path)
     if cluster is not None and cluster.splits_model:
         cluster.check_split(config.text_args())
+    stored = stored_dtype(weights)
     model = build_model(config, weights, str(path))
-    dtype = dtype or default_dtype()
+    dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype or default_dtype(stored)
     compact = stored_compact(model, dtype, cluster)
     model.set_dtype(dtype)
     model.language_model.load_weights(compact, strict=False)  # back to the checkpoint's bfloat16
@@ -127,13 +158,17 @@ def load_model(path: Path, dtype: Optional[mx.Dtype] = None, cluster: Optional["
 VISION_BACKENDS = ("mlx", "coreml")
 
 
+@runs_on_mlx_thread
 def load(
     path_or_repo: str = DEFAULT_MODEL,
-    dtype: Optional[mx.Dtype] = None,
+    dtype: Union[mx.Dtype, str, None] = None,
     vision_backend: str = "mlx",
     cluster: Optional["Cluster"] = None,
 ) -> Tuple[FastVLM, "FastVLMProcessor"]:
     """Load a FastVLM checkpoint of any supported format; returns (model, processor).
+
+    ``dtype`` (``mx.bfloat16`` or ``"bfloat16"``, ...) is what the model computes in; by default the
+    checkpoint's own dtype on a GPU and float32 on the CPU (``default_dtype``).
 
     ``vision_backend="coreml"`` (macOS) encodes images with ``fastvithd.mlpackage`` from the model
     directory, as Apple's app does; the projector and decoder still run in MLX.  ``cluster``

@@ -13,6 +13,7 @@ import binascii
 import contextlib
 import io
 import json
+import os
 import queue
 import sys
 import threading
@@ -308,8 +309,27 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
+def memory_gauges() -> dict:
+    """MLX's allocator (active, cached, peak) and the process's resident set, in bytes."""
+    import mlx.core as mx
+
+    gauges = dict(mlx_active_memory_bytes=mx.get_active_memory(), mlx_cache_memory_bytes=mx.get_cache_memory(),
+                  mlx_peak_memory_bytes=mx.get_peak_memory())
+    try:
+        with open("/proc/self/statm") as f:
+            gauges["resident_memory_bytes"] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # macOS: the peak resident set is what getrusage gives (in bytes there)
+        import resource
+
+        gauges["resident_memory_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return gauges
+
+
 class GenerationLoop:
-    """The one thread that touches MLX: admits queued jobs, decodes them in a batch, streams events back."""
+    """Admits queued jobs, decodes them in a batch, streams events back.
+
+    Its thread waits for requests; each step (prefill what arrived, decode every running request one token,
+    deliver) runs on the package's MLX thread (``mlx_thread``), as every other MLX call of the process does."""
 
     def __init__(self, engine, cfg: ServerConfig, metrics: Metrics):
         from .batching import BatchDecoder
@@ -347,14 +367,13 @@ class GenerationLoop:
         job.loop.call_soon_threadsafe(job.events.put_nowait, event)
 
     def _run(self) -> None:
+        from . import mlx_thread
+
         try:
             while not self.stopping:
-                self._admit(block=not self.jobs)
-                self._reap_cancelled()
-                for t in self.decoder.step():
-                    self._deliver(t)
+                mlx_thread.run(self._advance, self._take(block=not self.jobs))
             if self.decoder.cluster is not None:
-                self.decoder.cluster.close()
+                mlx_thread.run(self.decoder.cluster.close)
         except BaseException as e:  # the loop must never die silently: /health reports it
             self.alive = False
             for job in self.admitting + [job for job, _ in self.jobs.values()]:
@@ -365,14 +384,12 @@ class GenerationLoop:
                 raise
             # a rank of a split model is gone: nothing more can be generated, so the server ends
             self.failure = f"lost another rank of the distributed group, which stopped or crashed ({e})"
-            import os
             import signal
 
             os.kill(os.getpid(), signal.SIGINT)
 
-    def _admit(self, block: bool) -> None:
-        from .engine import Sampling
-
+    def _take(self, block: bool) -> List[Job]:
+        """The queued jobs that fit in the batch; waits a little for one when nothing is running."""
         batch = []
         try:
             job = self.pending.get(timeout=0.5) if block else self.pending.get_nowait()
@@ -383,6 +400,18 @@ class GenerationLoop:
                 job = self.pending.get_nowait()
         except queue.Empty:
             pass
+        return batch
+
+    def _advance(self, batch: List[Job]) -> None:
+        """One step, on the MLX thread: admit ``batch``, drop cancelled jobs, decode and deliver a token each."""
+        self._admit(batch)
+        self._reap_cancelled()
+        for t in self.decoder.step():
+            self._deliver(t)
+
+    def _admit(self, batch: List[Job]) -> None:
+        from .engine import Sampling
+
         ready = []
         self.admitting = batch
         for job in batch:
@@ -413,6 +442,10 @@ class GenerationLoop:
             return
         job, st = self.jobs[t.uid]
         request = job.request
+        if t.error is not None:  # the sequence was dropped (its logits overflowed): this request fails alone
+            self.jobs.pop(t.uid)
+            self._send(job, APIError(500, t.error, None, "non_finite_logits", "server_error"))
+            return
         if st["first"] is None:
             st["first"] = time.perf_counter()
             self.metrics.observe("ttft_seconds", st["first"] - job.created)
@@ -524,7 +557,8 @@ def create_app(model, processor, cfg: ServerConfig, model_id: str):
         cache = engine.image_cache
         gauges = dict(queue_depth=loop_.pending.qsize(), running_batch_size=len(loop_.jobs),
                       image_cache_hits_total=cache.hits, image_cache_misses_total=cache.misses,
-                      image_cache_bytes=cache.nbytes, prompt_cache_bytes=loop_.decoder.cache_bytes)
+                      image_cache_bytes=cache.nbytes, prompt_cache_bytes=loop_.decoder.cache_bytes,
+                      **memory_gauges())
         return PlainTextResponse(metrics.render(gauges), media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/chat/completions")

@@ -24,6 +24,7 @@ from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
 from .engine import Engine, GenerationResponse, PromptCache, Sampling, engine_for
 from .errors import FastVLMError
+from .mlx_thread import runs_on_mlx_thread
 from .model import FastVLM
 from .processor import DEFAULT_SYSTEM, FastVLMProcessor, one_turn
 
@@ -87,6 +88,7 @@ class ChatSession:
         return "".join(r.text for r in self.stream(text, images, **sampling))
 
     # --------------------------------------------------------------------------------- on disk
+    @runs_on_mlx_thread
     def save(self, path: Union[str, Path]) -> None:
         """Write the history and the KV cache to one safetensors file (mlx-lm's prompt-cache format).
 
@@ -125,6 +127,7 @@ class ChatSession:
         return parts
 
     @classmethod
+    @runs_on_mlx_thread
     def load(cls, path: Union[str, Path], model: FastVLM, processor: FastVLMProcessor) -> "ChatSession":
         """Resume a conversation written by ``save``; refuses a file made with another model."""
         _refuse_when_split(engine_for(model, processor))

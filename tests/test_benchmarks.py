@@ -107,3 +107,16 @@ def test_timm_init_gives_the_random_weights_timm_starts_from():
         assert (mx.abs(after[k]) <= bound).all().item() and mx.abs(after[k]).max().item() > 0.3 * bound, k
     for k in set(after) - set(scales) - set(biases):
         assert mx.array_equal(after[k], before[k]).item(), k
+
+
+def test_server_memory_smoke_run_stays_flat_after_warm_up():
+    """Our server, caches off, 20 requests with new images: MLX's memory and the resident set stop growing."""
+    proc = run_cli("benchmarks.server", "--smoke", "--memory", "20", "--warmup", "5", "--max-tokens", "6",
+                   "--cache-mb", "0,0", timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r["request"] for r in rows if "request" in r] == list(range(1, 21))
+    summary = rows[-1]["memory_summary"]
+    assert set(summary) == {"resident_memory_bytes", "mlx_active_memory_bytes", "mlx_peak_memory_bytes",
+                            "mlx_cache_memory_bytes"}
+    assert all(v["flat"] for v in summary.values()), summary

@@ -22,6 +22,7 @@ Every environment switch of the package is listed in ``SWITCHES`` (a test checks
 
 
 SWITCHES = {
+    "FASTVLM_MLX_DTYPE": "float32, float16 or bfloat16: what a model loaded without dtype= computes in (loader.py)",
     "FASTVLM_MLX_BLAS": "0/off/none/false/no: keep MLX's bundled BLAS; a path: load that library (blas.py)",
     "FASTVLM_MLX_MALLOC": "0/off/none/false/no: leave glibc malloc's thresholds alone (heap.py)",
     "FASTVLM_MLX_CPU": "0/off/none/false/no: run the plain model on the CPU too, without the CPU variants",
