@@ -8,7 +8,7 @@ step reads them all from memory, as decoding does. Figures are the best of --rep
 weights read. "mlx" is ``x @ w.T`` (sgemm of the BLAS that fastvlm_mlx loads), "ours" is
 ``fastvlm_mlx.cpu.skinny.matmul``, "torch" is ``x @ w.T`` in PyTorch (when installed) with its own BLAS (MKL on
 x86), on weights of the same shapes in a process of its own: in ours, the BLAS that fastvlm_mlx loads for MLX
-would also take PyTorch's matmul calls (it did until session 7, so earlier "torch" figures are OpenBLAS's).
+would also take PyTorch's matmul calls (it once did, so the oldest "torch" figures in RESULTS.md are OpenBLAS's).
 """
 
 import argparse

@@ -33,8 +33,8 @@ def timm_init(tower) -> None:
 
     MLX initialises biases to 0 where PyTorch draws them uniform in +-1/sqrt(fan_in), and ours and mlx-vlm's
     layer scales start at 1 where timm's start at 1e-5. With MLX's defaults the tower's activations shrink to
-    1e-12 by stage 2, through subnormal floats, which x86 CPUs compute many times slower (benchmarks/RESULTS.md,
-    session 7): a cost no trained checkpoint has. The weights keep MLX's init, the same distribution as PyTorch's.
+    1e-12 by stage 2, through subnormal floats, which x86 CPUs compute many times slower (benchmarks/RESULTS.md):
+    a cost no trained checkpoint has. The weights keep MLX's init, the same distribution as PyTorch's.
     """
     import math
 

@@ -24,7 +24,7 @@ from typing import List, Optional
 
 from .errors import FastVLMError
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".avif"}
 
 
 def list_inputs(source: str, prompt: Optional[str]) -> List[dict]:

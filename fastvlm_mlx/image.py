@@ -7,8 +7,13 @@ things a user expects that the reference skips: EXIF orientation is applied, and
 scaled down to 8 bits instead of being clipped.
 
 Every problem with an input is raised as FastVLMError with a one-line message naming the input.
+
+iPhone photos are HEIC: PIL reads HEIC and HEIF through pillow-heif (a dependency on macOS, the `heif` extra
+elsewhere), whose opener is registered the first time an image is decoded.  AVIF is read by Pillow itself
+where its build has AVIF (the wheels of Pillow 11.2 and later).
 """
 
+import functools
 import io
 import os
 import warnings
@@ -22,6 +27,49 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import FastVLMError
 
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
+
+# ISO base media file brands (the `ftyp` box) of HEIF images, HEIC ones included, and of AVIF images.
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs",
+                b"mif1", b"msf1", b"mif2"}
+_AVIF_BRANDS = {b"avif", b"avis"}
+
+HEIF_INSTALL = 'pip install "fastvlm-mlx[heif]" (or pip install pillow-heif)'
+
+
+@functools.cache
+def register_heif() -> bool:
+    """Let PIL open HEIC and HEIF files through pillow-heif, once per process; False where it is not installed."""
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return False
+    register_heif_opener()
+    return True
+
+
+def container_format(head: bytes):
+    """HEIF or AVIF for the first bytes of an ISO base media image file (by its `ftyp` brands), else None."""
+    if len(head) < 16 or head[4:8] != b"ftyp":
+        return None
+    end = min(int.from_bytes(head[:4], "big"), len(head))
+    brands = {head[8:12]} | {head[i : i + 4] for i in range(16, end - 3, 4)}
+    if brands & _AVIF_BRANDS:  # an AVIF file lists mif1 too
+        return "AVIF"
+    return "HEIF" if brands & _HEIF_BRANDS else None
+
+
+def unreadable_reason(head: bytes) -> str:
+    """Why PIL could not identify an image file, from its first bytes: a missing decoder, or not an image."""
+    kind = container_format(head)
+    if kind == "HEIF" and not register_heif():
+        return f"a HEIC/HEIF image needs pillow-heif: {HEIF_INSTALL}"
+    if kind == "AVIF":
+        from PIL import features
+
+        if not features.check("avif"):
+            return ("an AVIF image needs a Pillow built with AVIF (the wheels of Pillow 11.2 and later): "
+                    "pip install -U pillow")
+    return "not an image, or an image format PIL cannot read"
 
 
 def _one_line(text):
@@ -80,6 +128,7 @@ def pad_to_square(image, fill=(0, 0, 0)):
 
 def _open_decoded(fileobj, name):
     """Open and fully decode, so that truncated files fail here rather than inside resize."""
+    register_heif()
     with warnings.catch_warnings():
         # PIL only warns between 1x and 2x MAX_IMAGE_PIXELS; a user-facing tool should refuse both.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -90,7 +139,8 @@ def _open_decoded(fileobj, name):
             problem = f"refusing a possible decompression bomb: more than {Image.MAX_IMAGE_PIXELS} pixels"
             raise _fail(name, f"{problem} (PIL.Image.MAX_IMAGE_PIXELS)") from None
         except UnidentifiedImageError:
-            raise _fail(name, "not an image, or an image format PIL cannot read") from None
+            fileobj.seek(0)
+            raise _fail(name, unreadable_reason(fileobj.read(64))) from None
         except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct_error) as exc:
             raise _fail(name, f"image is truncated or corrupt ({exc})") from None
     return image

@@ -75,6 +75,9 @@ def _open_checked(data: bytes, where: str, cfg: ServerConfig):
     """Decode image bytes, refusing oversized files and pixel counts before any pixel is decoded."""
     from PIL import Image, UnidentifiedImageError
 
+    from .image import register_heif, unreadable_reason
+
+    register_heif()  # HEIC/HEIF through pillow-heif
     if len(data) > cfg.max_image_bytes:
         raise APIError(400, f"{where}: image is {len(data)} bytes, over the limit of {cfg.max_image_bytes}", "messages")
     try:
@@ -90,7 +93,7 @@ def _open_checked(data: bytes, where: str, cfg: ServerConfig):
         raise APIError(400, f"{where}: image declares more pixels than the limit of {cfg.max_image_pixels} "
                        "(a possible decompression bomb)", "messages", "image_too_large") from None
     except UnidentifiedImageError:
-        raise APIError(400, f"{where}: not an image PIL can read", "messages", "invalid_image") from None
+        raise APIError(400, f"{where}: {unreadable_reason(data[:64])}", "messages", "invalid_image") from None
     except Exception as e:  # truncated and corrupt files raise many types
         raise APIError(400, f"{where}: image is truncated or corrupt ({type(e).__name__})", "messages",
                        "invalid_image") from None

@@ -175,3 +175,110 @@ def test_loading_a_model_after_a_late_import_warns_once():
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "1"
+
+
+# Loads the fixture model twice after the imports that argv[1] names, then reports what the BLAS check saw.
+BOUND_SCRIPT = r"""
+import ctypes, json, sys, warnings
+if sys.argv[1] == "dlopen":
+    ctypes.CDLL(sys.argv[3], mode=ctypes.RTLD_GLOBAL)
+if sys.argv[1] != "package-first":
+    import mlx.core
+import fastvlm_mlx
+from fastvlm_mlx.cpu import attention, blas
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    fastvlm_mlx.load(sys.argv[2])
+    fastvlm_mlx.load(sys.argv[2])
+kernel = attention.kernel()
+print(json.dumps({"loaded": blas.loaded, "bound": blas.bound_library(),
+                  "warnings": [str(w.message) for w in caught if "BLAS" in str(w.message)],
+                  "kernel_sgemm": kernel[1] if kernel else None,
+                  "bound_sgemm": ctypes.cast(ctypes.CDLL(blas.bound_library()).cblas_sgemm, ctypes.c_void_p).value}))
+"""
+
+
+def load_fixture_after(order, library=None, env_extra=None):
+    """Run BOUND_SCRIPT in a fresh interpreter; its JSON result and its stderr."""
+    env = {k: v for k, v in os.environ.items() if k not in ("FASTVLM_MLX_BLAS", "FASTVLM_MLX_CPU", "LD_PRELOAD")}
+    env.update(env_extra or {})
+    args = [sys.executable, "-c", BOUND_SCRIPT, order, str(ROOT / "tests" / "fixtures" / "format_a"), library or ""]
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+
+@pytest.mark.parametrize("how", ["dlopen", "LD_PRELOAD"])
+def test_a_blas_the_program_bound_itself_keeps_every_kernel(how):
+    """A program that bound OpenBLAS itself and then imported mlx before fastvlm_mlx: MLX calls OpenBLAS, so
+    nothing is said and the kernels that call BLAS stay on, calling the very library MLX is bound to."""
+    found = [p for p in optimized_library_or_skip() if os.path.isabs(p) and "openblas" in p and "cmeel" not in p]
+    if not found:
+        pytest.skip("no system OpenBLAS to preload (apt-get install libopenblas0-pthread)")
+    env = {"LD_PRELOAD": found[0]} if how == "LD_PRELOAD" else None
+    result, stderr = load_fixture_after("dlopen" if how == "dlopen" else "mlx-first", found[0], env)
+    assert result["warnings"] == [], result["warnings"]
+    assert "BLAS" not in stderr, stderr
+    assert same_library(found[0], result["bound"])
+    assert result["loaded"] and same_library(result["loaded"], result["bound"])
+    assert result["kernel_sgemm"] == result["bound_sgemm"], "the attention kernel is off or calls another BLAS"
+
+
+def test_the_reference_blas_is_said_in_exactly_one_line():
+    """FASTVLM_MLX_BLAS=0 keeps MLX's bundled reference BLAS: two loads give one warning of one line, naming
+    the library and a fix, and the BLAS-calling kernels are off."""
+    if not bundled_blas():
+        pytest.skip("this MLX build bundles no reference BLAS")
+    result, _ = load_fixture_after("package-first", env_extra={"FASTVLM_MLX_BLAS": "0"})
+    assert len(result["warnings"]) == 1, result["warnings"]
+    message = result["warnings"][0]
+    assert "\n" not in message and "reference BLAS (libblas-" in message
+    assert "unset FASTVLM_MLX_BLAS" in message or "apt install libopenblas0-pthread" in message, message
+    assert result["loaded"] is None and result["kernel_sgemm"] is None
+    assert "libblas-" in result["bound"]
+
+
+def test_the_warning_names_the_install_when_no_optimized_blas_is_found(tmp_path):
+    """Without any optimized BLAS on the machine, the one line says how to get one."""
+    if not bundled_blas():
+        pytest.skip("this MLX build bundles no reference BLAS")
+    script = (
+        "import importlib.util, sys\n"
+        "spec = importlib.util.spec_from_file_location('b', sys.argv[1]); b = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(b); b.candidates = lambda: []\n"
+        "b.load_fast_blas(); import mlx.core\n"
+        "print(b.slow_blas_message())\n"
+    )
+    message = run_with_blas_module(script).splitlines()[-1]
+    assert message.startswith("MLX uses a reference BLAS (libblas-")
+    assert 'apt install libopenblas0-pthread, or pip install "fastvlm-mlx[fast-cpu]"' in message
+
+
+@pytest.mark.parametrize("preload", [False, True])
+def test_bound_library_agrees_with_the_dynamic_loader(tmp_path, preload):
+    """bound_library() reads MLX's cblas_sgemm slot; the loader's own report (LD_DEBUG=bindings) is the reference."""
+    library = None
+    if preload:
+        found = [p for p in optimized_library_or_skip() if os.path.isabs(p) and "cmeel" not in p]
+        if not found:
+            pytest.skip("no system OpenBLAS or MKL to preload")
+        library = found[0]
+    script = (
+        "import ctypes, importlib.util, sys\n"
+        "if sys.argv[2]: ctypes.CDLL(sys.argv[2], mode=ctypes.RTLD_GLOBAL)\n"
+        "import mlx.core\n"
+        "spec = importlib.util.spec_from_file_location('b', sys.argv[1]); b = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(b); print(b.bound_library())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("FASTVLM_MLX_BLAS", "LD_PRELOAD")}
+    env.update(LD_DEBUG="bindings", LD_DEBUG_OUTPUT=str(tmp_path / "ld"))
+    proc = subprocess.run([sys.executable, "-c", script, str(ROOT / "fastvlm_mlx" / "cpu" / "blas.py"), library or ""],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    log = "".join(p.read_text(errors="replace") for p in tmp_path.glob("ld*"))
+    targets = re.findall(r"binding file \S*mlx\S* \[\d+\] to (\S+) \[\d+\]: normal symbol `cblas_sgemm'", log)
+    assert targets, "the loader reported no cblas_sgemm binding for MLX"
+    bound = proc.stdout.strip().splitlines()[-1]
+    assert all(os.path.realpath(t) == bound for t in targets), (bound, targets)
+    if preload:
+        assert same_library(library, bound)

@@ -5,7 +5,8 @@ no buffer cache.  This package works around each, in two places only:
 
 1. At process start, before ``mlx.core`` is imported (``fastvlm_mlx/__init__.py`` calls
    ``prepare_process`` on Linux builds without a GPU backend): an optimized BLAS is preloaded
-   (``blas``) and glibc malloc keeps large buffers for reuse (``heap``).
+   (``blas``) and glibc malloc keeps large buffers for reuse (``heap``).  An optimized BLAS that the
+   program bound itself before importing MLX is found and used as it is.
 2. When a model is loaded on the CPU in float32 (``fastvlm_mlx.loader`` calls ``install``): the
    vision tower, the projector and the decoder's blocks, attention, MLPs and linear layers become CPU
    variants that hold the same weights and compute the same maths with the kernels of ``kernels``,
@@ -13,7 +14,8 @@ no buffer cache.  This package works around each, in two places only:
    ``vision`` and ``decoder``.  The variants add no parameters or state,
    so a module becomes its variant by a change of class and every weight stays where it was.  The decoder's
    linear and embedding weights of a bfloat16 checkpoint stay in bfloat16 (the loader asks
-   ``decoder.stored_compact``), widened exactly by the kernels as they read them.
+   ``decoder.stored_compact``), widened exactly by the kernels as they read them.  If MLX's matrix
+   products still call a reference BLAS, one line says so and how to fix it.
 
 This ``__init__`` imports nothing from MLX, so that step 1 can run before ``mlx.core`` is loaded.
 
@@ -55,11 +57,11 @@ def prepare_process():
 def install(model) -> None:
     """Turn a loaded FastVLM's modules into their CPU variants (same weights, same outputs)."""
     from ..vision import FastViTHD
-    from .blas import warn_if_imported_too_late
+    from .blas import warn_if_slow_blas
     from .decoder import install as install_decoder
     from .vision import CpuFastViTHD, CpuProjector
 
-    warn_if_imported_too_late()
+    warn_if_slow_blas()
     if type(model.vision_tower) is FastViTHD:  # a CoreML tower stays as it is
         model.vision_tower.__class__ = CpuFastViTHD
     model.projector.__class__ = CpuProjector

@@ -3,7 +3,7 @@
  * x is (M, K), w is (N, K) (an nn.Linear weight), y is (M, N); float32 (w may be bfloat16, widened exactly as
  * it is read: half the bytes to stream), row-major, contiguous.
  * With M <= 8 the product is bound by reading w once from memory, and BLAS sgemm packs w for a big
- * GEMM and streams it slower (benchmarks/RESULTS.md, session 6).  Here each tile of RB consecutive rows of w is read once
+ * GEMM and streams it slower (benchmarks/RESULTS.md).  Here each tile of RB consecutive rows of w is read once
  * and multiplied with up to 8 rows of x held in L1: every w vector load feeds MB multiply-adds and
  * every x load RB of them, with MB * RB independent accumulators to cover the FMA latency.  The rows
  * of w are split between the caller and the worker threads of pool.c.  Built by native.py with the machine's C

@@ -2,10 +2,8 @@
 
 Decoding reads every decoder weight once per step, so its speed is the speed at which the matmul
 streams the weights.  MLX's CPU matmul is BLAS sgemm, which packs the weight for a big GEMM: with
-1-8 rows it streamed 8.7-10.4 GB/s on a 2-core Zen 4, where ``skinny.c``, which reads each weight
-once, streamed 10.3-16.1 GB/s (``python -m benchmarks.decode_matmul``, benchmarks/RESULTS.md
-session 6: a 0.5B step's matmuls 1.54x faster at 1 row, 1.19x at 4, 1.41x at 8; session 7, on a 2-core
-Xeon: 2.3x, 2.3x and 1.9x, and level with PyTorch's MKL at 1 row).  It is compiled on first use
+1-8 rows that streams the weights slower than ``skinny.c``, which reads each weight once
+(``python -m benchmarks.decode_matmul`` measures both; figures in benchmarks/RESULTS.md).  It is compiled on first use
 (``native``) and called through ctypes on the arrays' memory.  Each call splits the weight rows over the
 persistent pool of threads of ``pool.c``: a decode step makes ~170 calls, and a thread started per call
 cost more than the smaller products themselves.
