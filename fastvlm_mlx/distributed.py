@@ -140,9 +140,9 @@ class Cluster:
 
     # ------------------------------------------------------------------ moving data
     def _settle(self) -> None:
-        from mlx_lm.generate import generation_stream
+        from .lm_internals import generation_stream
 
-        mx.synchronize(generation_stream)
+        mx.synchronize(generation_stream())
         mx.synchronize()
 
     def _sum(self, x: mx.array) -> mx.array:
