@@ -142,7 +142,7 @@ class Cluster:
     def _settle(self) -> None:
         from .lm_internals import generation_stream
 
-        mx.synchronize(generation_stream())
+        mx.synchronize(generation_stream)
         mx.synchronize()
 
     def _sum(self, x: mx.array) -> mx.array:

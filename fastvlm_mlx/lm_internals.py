@@ -1,5 +1,6 @@
 """Where fastvlm-mlx relies on mlx-lm beyond its documented API, in one place: fields of its KV caches, the
-module generation runs on, and the change of class that turns its Qwen2 modules into the CPU variants.
+stream its generation loop runs on and its wired-memory context, and the change of class that turns its Qwen2
+modules into the CPU variants.
 
 These hold for the mlx-lm versions from ``MIN_MLX_LM`` on (pyproject's floor, which CI's floor lane installs);
 ``require_mlx_lm`` refuses older ones with one line when this module is imported (``fastvlm_mlx/__init__`` imports
@@ -33,6 +34,10 @@ def require_mlx_lm(installed: Optional[str] = None) -> None:
 
 
 require_mlx_lm()
+# generation_stream: the (thread-local) stream mlx-lm's generation loop evaluates on, which our own prefills, vision
+# encodes and inter-rank waits must use or wait for; wired_limit(model, streams): mlx-lm's context that wires the
+# model's memory on a GPU while it runs.  Module-level names of mlx_lm.generate, not documented API.
+from mlx_lm.generate import generation_stream, wired_limit  # noqa: E402, F401
 from mlx_lm.models.cache import BatchKVCache, KVCache  # noqa: E402
 
 
@@ -60,10 +65,3 @@ def become(module, variant: type) -> None:
     if not issubclass(variant, type(module)):
         raise TypeError(f"{variant.__name__} is not a subclass of {type(module).__name__}")
     module.__class__ = variant
-
-
-def generation_stream():
-    """The stream mlx-lm's generation loop evaluates on (what a rank must wait for before it talks to the others)."""
-    from mlx_lm.generate import generation_stream as stream
-
-    return stream

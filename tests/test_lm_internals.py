@@ -131,10 +131,18 @@ def test_become_keeps_every_weight_and_refuses_unrelated_classes():
         lm_internals.become(layer.mlp, decoder.CpuAttention)
 
 
-def test_generation_stream_is_a_stream_mx_can_wait_for():
-    stream = lm_internals.generation_stream()
+def test_generation_stream_and_wired_limit_are_mlx_lms_own():
+    """The stream generate_step evaluates on by default (so that our prefills share it), and the wired-memory
+    context taking the model and a list of streams."""
+    from mlx_lm.generate import generate_step
+
+    stream = lm_internals.generation_stream
+    assert inspect.signature(generate_step).parameters["stream"].default is stream
     mx.synchronize(stream)
-    assert "stream" in type(stream).__name__.lower()
+    with lm_internals.wired_limit(_tiny_qwen2(), [stream]):
+        mx.eval(mx.ones(4) + 1)
+    takes = list(inspect.signature(lm_internals.wired_limit).parameters)
+    assert takes == ["model", "streams"], takes
 
 
 def test_the_documented_but_young_apis_we_call_take_our_arguments():
