@@ -29,6 +29,7 @@ if _linux_cpu_build():  # must run before mlx.core is first imported
 
     BLAS_LIBRARY = prepare_process()
 
+from . import lm_internals  # noqa: E402, F401  first: it refuses an mlx-lm older than the floor in one line
 from .engine import GenerationResponse, generate, stream_generate  # noqa: E402
 from .errors import FastVLMError  # noqa: E402
 from .loader import load  # noqa: E402

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from typing import Dict, Hashable, List, Optional, Sequence
 
 import mlx.core as mx
-from mlx_lm.generate import BatchGenerator, generation_stream, wired_limit
+from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
 from .engine import Engine, Prompt, Sampling, check_finite
 from .errors import NonFiniteLogitsError
+from .lm_internals import generation_stream, wired_limit
 from .mlx_thread import runs_on_mlx_thread
 
 DEFAULT_PROMPT_CACHE_BYTES = 1 << 30

@@ -140,7 +140,7 @@ class Cluster:
 
     # ------------------------------------------------------------------ moving data
     def _settle(self) -> None:
-        from mlx_lm.generate import generation_stream
+        from .lm_internals import generation_stream
 
         mx.synchronize(generation_stream)
         mx.synchronize()

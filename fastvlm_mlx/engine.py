@@ -19,7 +19,7 @@ from typing import Callable, Hashable, Iterator, List, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import GenerationResponse as LMResponse
-from mlx_lm.generate import generation_stream, wired_limit
+from .lm_internals import generation_stream, wired_limit
 from mlx_lm.generate import stream_generate as lm_stream_generate
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors

@@ -34,7 +34,7 @@ def reference():
 @pytest.fixture(scope="session")
 def ct():
     """coremltools, or a skip that says why (it is an optional dependency, installed in CI)."""
-    from convert.coreml import require_coremltools
+    from fastvlm_convert.coreml import require_coremltools
 
     try:
         return require_coremltools()

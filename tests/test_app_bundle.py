@@ -112,7 +112,7 @@ def swift_parameter_shapes(cfg: dict, weights: dict) -> dict:
 @pytest.fixture(scope="module")
 def bundle(ct, tmp_path_factory):
     """format_a written as an app bundle at float32 (so its weights compare exactly), and the warnings it gave."""
-    from convert.app_bundle import convert_app_bundle
+    from fastvlm_convert.app_bundle import convert_app_bundle
 
     dst = tmp_path_factory.mktemp("bundle") / "model"
     warned = []
@@ -314,7 +314,7 @@ def test_cli_without_coremltools(tmp_path):
 
 
 def test_existing_image_token_is_kept(tmp_path):
-    from convert.app_bundle import add_image_token
+    from fastvlm_convert.app_bundle import add_image_token
 
     src = FIXTURES / "format_b"  # transformers format: <image> is already added token 403
     assert add_image_token(src, tmp_path, vocab_size=512) == 403
@@ -322,7 +322,7 @@ def test_existing_image_token_is_kept(tmp_path):
 
 
 def test_no_spare_embedding_row_fails(tmp_path):
-    from convert.app_bundle import add_image_token
+    from fastvlm_convert.app_bundle import add_image_token
     from fastvlm_mlx.errors import FastVLMError
 
     with pytest.raises(FastVLMError, match="vocab_size 403"):
@@ -333,7 +333,7 @@ def test_tokenizer_json_built_from_vocab_and_merges(tmp_path, meta):
     """LLaVA-trained checkpoints often carry only the slow tokenizer files; swift-transformers needs tokenizer.json."""
     from transformers import AutoTokenizer
 
-    from convert.app_bundle import add_image_token
+    from fastvlm_convert.app_bundle import add_image_token
 
     fast = json.loads((SRC / "tokenizer.json").read_text())
     src, out = tmp_path / "src", tmp_path / "out"

@@ -1,5 +1,6 @@
 """The layering docs/architecture.md describes: the plain model never touches the CPU layer, the CPU
-layer is chosen once at load, the runtime never imports ``convert``, and every switch is listed once."""
+layer is chosen once at load, the runtime never imports the converters (``convert/``, installed as
+``fastvlm_convert``), and every switch is listed once."""
 
 import json
 import re
@@ -23,7 +24,7 @@ from fastvlm_mlx import generate, load
 model, processor = load(sys.argv[1])
 text = generate(model, processor, "Describe the image.", image=sys.argv[2], max_tokens=16)
 print(json.dumps({
-    "modules": sorted(m for m in sys.modules if m.startswith(("fastvlm_mlx", "convert"))),
+    "modules": sorted(m for m in sys.modules if m.startswith(("fastvlm_mlx", "fastvlm_convert", "convert"))),
     "tower": type(model.vision_tower).__name__,
     "mlp": type(model.language_model.layers[0].mlp).__name__,
     "text": text,
@@ -58,12 +59,13 @@ def test_plain_path_never_imports_the_cpu_kernels_and_gives_the_reference(refere
 
 def test_runtime_never_imports_convert():
     for probe in (run_probe(), run_probe(FASTVLM_MLX_CPU="0")):
-        assert not [m for m in probe["modules"] if m == "convert" or m.startswith("convert.")], probe["modules"]
+        converters = [m for m in probe["modules"] if m.split(".")[0] in ("fastvlm_convert", "convert")]
+        assert not converters, probe["modules"]
     for path in (ROOT / "fastvlm_mlx").rglob("*.py"):
         if path.name == "convert.py" and path.parent.name == "fastvlm_mlx":
             continue  # the CLI entry point `python -m fastvlm_mlx.convert`, which no runtime module imports
         source = path.read_text()
-        assert not re.search(r"^\s*(from|import) convert\b", source, re.M), path
+        assert not re.search(r"^\s*(from|import) (fastvlm_)?convert\b", source, re.M), path
 
 
 def plain_and_cpu_models(monkeypatch):

@@ -6,7 +6,7 @@ import mlx.core as mx
 import pytest
 from conftest import FIXTURES, assert_clean_error, rel_err, run_cli
 
-from convert import convert_checkpoint
+from fastvlm_convert import convert_checkpoint
 from fastvlm_mlx.checkpoints import read_weights
 from fastvlm_mlx import FastVLMError, load
 
@@ -91,7 +91,7 @@ def test_cli_refuses_non_empty_destination(tmp_path):
 
 
 def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
-    import convert.writer as writer
+    import fastvlm_convert.writer as writer
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -104,7 +104,7 @@ def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_failed_conversion_keeps_previous_model(tmp_path, monkeypatch):
-    import convert.writer as writer
+    import fastvlm_convert.writer as writer
 
     dst = tmp_path / "out"
     convert_checkpoint(FIXTURES / "format_a", dst, dtype="float32")

@@ -58,7 +58,7 @@ def mlx_features(model, ref):
 @pytest.fixture(scope="module")
 def packages(ct, model, tmp_path_factory):
     """The fixture model exported at both precisions (default contract: tensor in, image_features out)."""
-    from convert.coreml import export_coreml
+    from fastvlm_convert.coreml import export_coreml
 
     root = tmp_path_factory.mktemp("coreml")
     return {p: export_coreml(model, root / f"{p}" / "fastvithd.mlpackage", precision=p) for p in ("float32", "float16")}
@@ -74,7 +74,7 @@ def _nchw(pixels_nhwc):
 
 @pytest.mark.parametrize("precision,tol", [("float32", FP32_TOL), ("float16", FP16_TOL)])
 def test_program_matches_mlx_and_pytorch(packages, ref, mlx_features, precision, tol):
-    from convert.coreml import load_program
+    from fastvlm_convert.coreml import load_program
 
     prog = load_program(packages[precision])
     ops = op_types(prog)
@@ -110,7 +110,7 @@ def test_interpreter_catches_a_wrong_program(ct, model, ref, mlx_features, tmp_p
     """Sanity check of the check: a package with two attention heads swapped must fail the comparison."""
     import mlx.core as mx
 
-    from convert.coreml import export_coreml, load_program
+    from fastvlm_convert.coreml import export_coreml, load_program
 
     attn = model.vision_tower.stages[4].blocks[0].token_mixer
     saved = attn.proj.weight
@@ -174,7 +174,7 @@ def _expected_weights(tower):
 @pytest.mark.parametrize("precision", ["float32", "float16"])
 def test_package_weights_equal_source(ct, packages, model, precision):
     """Every conv and norm of the saved package holds exactly the MLX weights (fp16-rounded at float16)."""
-    from convert.coreml import load_program
+    from fastvlm_convert.coreml import load_program
 
     prog = load_program(packages[precision])
     expected = _expected_weights(model.vision_tower)
@@ -199,7 +199,7 @@ def test_package_weights_equal_source(ct, packages, model, precision):
 
 def test_projector_and_image_input(ct, model, ref, tmp_path):
     """The options: CVPixelBuffer-style image input (scale 1/255) and the projector inside the package."""
-    from convert.coreml import export_coreml, load_program
+    from fastvlm_convert.coreml import export_coreml, load_program
 
     import mlx.core as mx
 
@@ -252,7 +252,7 @@ def _randomized_full_size(seed: int = 0):
 
 def test_full_size_fastvithd_at_128(ct, tmp_path):
     """The published architecture (122.7M parameters, 3072 channels) exports; checked at 128px to stay fast."""
-    from convert.coreml import export_coreml, load_program
+    from fastvlm_convert.coreml import export_coreml, load_program
 
     import mlx.core as mx
 
@@ -273,7 +273,7 @@ def test_full_size_fastvithd_at_128(ct, tmp_path):
 
 
 def test_bad_options(ct, model, tmp_path):
-    from convert.coreml import export_coreml
+    from fastvlm_convert.coreml import export_coreml
 
     from fastvlm_mlx import FastVLMError
 
@@ -294,7 +294,7 @@ def test_bad_options(ct, model, tmp_path):
 
 def test_coreml_tower_glue(ct, model, packages, ref, mlx_features):
     """CoreMLVisionTower's layout handling, with the interpreter standing in for MLModel.predict."""
-    from convert.coreml import load_program
+    from fastvlm_convert.coreml import load_program
 
     import mlx.core as mx
 

@@ -268,6 +268,7 @@ def test_numpy_decode_steps_match_mlx_lm_with_left_padded_batches(monkeypatch, s
     from mlx_lm.models.cache import BatchKVCache, RotatingKVCache
 
     from fastvlm_mlx.cpu import attention, decoder
+    from fastvlm_mlx.lm_internals import filled_length
 
     layers = 3
     theirs, ours = _qwen2_and_its_cpu_copy(seed=7, layers=layers, tied=False, stored=stored)
@@ -297,7 +298,7 @@ def test_numpy_decode_steps_match_mlx_lm_with_left_padded_batches(monkeypatch, s
         decoding = chunk.shape[1] == 1
         assert numpy_steps == [decoding] * layers
         assert len(kernel_steps) == (layers if decoding and cache_kind == "batch" else 0)
-        assert all(cached == caches[0][0].state[4] - 1 for cached in kernel_steps)  # what the cache held before
+        assert all(cached == filled_length(caches[0][0]) - 1 for cached in kernel_steps)  # what the cache held before
     for a, b in zip(caches[0], caches[1]):
         assert (mx.abs(a.keys - b.keys).max() <= 1e-5 * mx.abs(a.keys).max()).item()
 

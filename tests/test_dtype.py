@@ -16,7 +16,7 @@ from fastvlm_mlx.loader import default_dtype, parse_dtype
 @pytest.fixture(scope="module")
 def bfloat16_checkpoint(tmp_path_factory):
     """format_a stored in bfloat16, as the published mlx-community and transformers conversions are."""
-    from convert import convert_checkpoint
+    from fastvlm_convert import convert_checkpoint
 
     out = tmp_path_factory.mktemp("bf16") / "model"
     convert_checkpoint(FIXTURES / "format_a", out, dtype="bfloat16")

@@ -59,9 +59,14 @@ def install(model) -> None:
     from ..vision import FastViTHD
     from .blas import warn_if_slow_blas
     from .decoder import install as install_decoder
+    from .native import library
     from .vision import CpuFastViTHD, CpuProjector
 
     warn_if_slow_blas()
+    try:
+        library()  # a first run compiles the C kernels here, at load, not in the first image's vision time
+    except Exception:  # noqa: BLE001 - each kernel falls back to MLX's ops (skinny.kernel warns once)
+        pass
     if type(model.vision_tower) is FastViTHD:  # a CoreML tower stays as it is
         model.vision_tower.__class__ = CpuFastViTHD
     model.projector.__class__ = CpuProjector

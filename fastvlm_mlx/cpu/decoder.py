@@ -19,8 +19,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models import qwen2
 from mlx_lm.models.base import scaled_dot_product_attention
-from mlx_lm.models.cache import BatchKVCache, KVCache
-
+from ..lm_internals import become, filled_length, is_plain_kv_cache, is_quantized_cache
 from . import skinny
 from .attention import one_position
 from .kernels import attention, on_cpu_float32, swiglu
@@ -34,7 +33,7 @@ class CpuAttention(qwen2.Attention):
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         length = x.shape[1]
         plain_mask = mask is None or (isinstance(mask, str) and mask == "causal")
-        if length == 1 or not on_cpu_float32(x) or hasattr(cache, "bits") or not plain_mask:
+        if length == 1 or not on_cpu_float32(x) or is_quantized_cache(cache) or not plain_mask:
             return super().__call__(x, mask=mask, cache=cache)
         return self.o_proj(self.attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), mask, cache))
 
@@ -62,7 +61,7 @@ class CpuAttention(qwen2.Attention):
         without waiting for it. MLX's CPU rope and attention took ~0.4 ms a layer for these few thousand
         floats. None where this does not apply (other caches, additive masks, other rope variants, no
         compiler): the caller then takes ``attend``."""
-        if type(cache) not in (KVCache, BatchKVCache) or cache.keys is None or not _plain_rope(self.rope):
+        if not is_plain_kv_cache(cache) or not _plain_rope(self.rope):
             return None
         b = len(q)
         found = self._attend_cached(q.reshape(b, self.n_heads, -1), k.reshape(b, self.n_kv_heads, -1),
@@ -78,7 +77,7 @@ class CpuAttention(qwen2.Attention):
     def _attend_cached(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask, cache) -> Optional[tuple]:
         """(out, roped key) from the cache as it stands, or None. A function of its own so that its NumPy views
         of the cache's buffers are gone when the caller updates the cache (else MLX copies the whole buffer)."""
-        cached = cache.offset if type(cache) is KVCache else cache.state[4]  # positions in the buffers
+        cached = filled_length(cache)  # positions in the buffers
         keep = _kept_keys(mask, len(q), cached + 1)
         if keep is False:
             return None
@@ -180,7 +179,7 @@ class CpuTransformerBlock(qwen2.TransformerBlock):
         this is a decode step the NumPy path takes, else None."""
         if x.ndim != 3 or x.shape[1] != 1 or not 0 < x.shape[0] <= skinny.MAX_ROWS or not on_cpu_float32(x):
             return None
-        if cache is None or hasattr(cache, "bits") or skinny.kernel() is None:
+        if cache is None or is_quantized_cache(cache) or skinny.kernel() is None:
             return None
         attn, mlp = self.self_attn, self.mlp
         linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
@@ -237,9 +236,9 @@ def install(language_model: nn.Module) -> None:
     skinny.kernel()
     for layer in language_model.layers:
         if type(layer) is qwen2.TransformerBlock:
-            layer.__class__ = CpuTransformerBlock
-        layer.self_attn.__class__ = CpuAttention
-        layer.mlp.__class__ = CpuMLP
+            become(layer, CpuTransformerBlock)
+        become(layer.self_attn, CpuAttention)
+        become(layer.mlp, CpuMLP)
     variants = {nn.Linear: CpuLinear, nn.Embedding: CpuEmbedding}  # exact types: sharded or quantized ones stay
     for _, module in language_model.named_modules():
         if type(module) in variants:
