@@ -22,6 +22,13 @@ PHOTO = FIXTURES / "images" / "photo.png"
 PHOTO2 = FIXTURES / "images" / "photo2.png"
 
 
+def pytest_report_header(config):
+    from precision import DEVICE, DTYPE, _cpu_layer_missing
+
+    layer = _cpu_layer_missing() or "on"
+    return f"fastvlm-mlx: device {DEVICE}, models compute in {DTYPE} (tests/precision.py), CPU layer: {layer}"
+
+
 @pytest.fixture(scope="session")
 def reference():
     import mlx.core as mx

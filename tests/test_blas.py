@@ -16,7 +16,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the BLAS preload is Linux-only")
+from precision import requires_linux_cpu_build
+
+pytestmark = requires_linux_cpu_build  # the BLAS preload is for MLX's Linux CPU build only
 
 # Imports the blas module by file path so the test does not depend on the package __init__ (which calls it too).
 SCRIPT = r"""
@@ -171,7 +173,8 @@ def test_loading_a_model_after_a_late_import_warns_once():
         f"    fastvlm_mlx.load({str(ROOT / 'tests' / 'fixtures' / 'format_a')!r})\n"
         "print(sum('import fastvlm_mlx first' in str(w.message) for w in caught))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("FASTVLM_MLX_BLAS", "FASTVLM_MLX_CPU")}
+    # the CPU layer on, in float32 (FASTVLM_MLX_DTYPE unset: the CPU's default)
+    env = {k: v for k, v in os.environ.items() if k not in ("FASTVLM_MLX_BLAS", "FASTVLM_MLX_CPU", "FASTVLM_MLX_DTYPE")}
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "1"

@@ -1,4 +1,7 @@
-"""The CPU's fused GELU, exponential and attention against float64 math and MLX's own ops."""
+"""The CPU's fused GELU, exponential and attention against float64 math and MLX's own ops.
+
+Device and dtype: the CPU, float32 unless a test names another.  Every test needs the CPU layer (Linux's CPU), and
+those of the C kernels a C compiler too; they say so when they skip."""
 
 import math
 
@@ -6,8 +9,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from precision import requires_c_kernels, requires_cpu_layer
 
 from fastvlm_mlx.cpu import kernels as cpu_math
+
+pytestmark = requires_cpu_layer
 
 
 def _gelu64(x: np.ndarray) -> np.ndarray:
@@ -91,6 +97,7 @@ def _attention64(q, k, v, scale, causal):
     return (weights / weights.sum(-1, keepdims=True)) @ v
 
 
+@requires_c_kernels
 def test_blocked_attention_kernel_matches_float64_attention():
     """attention.c over several blocks of query rows and ragged tails: the tower's shape (24 heads of 32 over
     1024 positions), a grouped causal prefill after a cached prefix, odd sizes, logits large enough to overflow
@@ -127,6 +134,7 @@ def _rope64(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.nd
     return np.concatenate([x1 * np.cos(angle) - x2 * np.sin(angle), x2 * np.cos(angle) + x1 * np.sin(angle), rest], -1)
 
 
+@requires_c_kernels
 @pytest.mark.parametrize("batch,heads,kv_heads,dim,rope_dims,cached", [
     (1, 14, 2, 64, 64, 300), (3, 6, 2, 40, 40, 37), (8, 14, 2, 64, 64, 5), (2, 4, 4, 24, 16, 0)])
 def test_decode_step_attention_kernel_matches_float64(batch, heads, kv_heads, dim, rope_dims, cached):
@@ -163,6 +171,7 @@ def test_decode_step_attention_kernel_matches_float64(batch, heads, kv_heads, di
         assert np.abs(out - ref).max() <= 3e-6 * np.abs(ref).max(), (mask is None, np.abs(out - ref).max())
 
 
+@requires_c_kernels
 def test_fused_pointwise_mlp_matches_float64():
     """mlp.c's residual + scale * fc2(gelu(fc1(x))) in both layouts, over several blocks of positions with a
     ragged tail and a batch of 2, against float64 with the exact erf GELU; the tower takes this path."""
@@ -229,6 +238,7 @@ def _qwen2_and_its_cpu_copy(seed: int, layers: int, tied: bool, stored=mx.float3
     return theirs, ours
 
 
+@requires_c_kernels
 @pytest.mark.parametrize("stored", [mx.float32, mx.bfloat16], ids=["float32", "bfloat16"])
 def test_decoder_layers_match_mlx_lm_with_a_cached_prefix(monkeypatch, stored):
     """mlx-lm's Qwen2 with the CPU variants (attention, SiLU gate, the few-row matmul of every linear layer
@@ -257,6 +267,7 @@ def test_decoder_layers_match_mlx_lm_with_a_cached_prefix(monkeypatch, stored):
     assert set(kernel_rows) == {6, 3}, set(kernel_rows)  # the 15-row prefill went to MLX's matmul
 
 
+@requires_c_kernels
 @pytest.mark.parametrize("stored", [mx.float32, mx.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("cache_kind", ["batch", "rotating"])
 def test_numpy_decode_steps_match_mlx_lm_with_left_padded_batches(monkeypatch, stored, cache_kind):
@@ -303,6 +314,7 @@ def test_numpy_decode_steps_match_mlx_lm_with_left_padded_batches(monkeypatch, s
         assert (mx.abs(a.keys - b.keys).max() <= 1e-5 * mx.abs(a.keys).max()).item()
 
 
+@requires_c_kernels
 @pytest.mark.parametrize("stored", [mx.float32, mx.bfloat16], ids=["float32", "bfloat16"])
 def test_few_row_matmul_matches_float64(stored):
     """skinny.c against numpy in float64, over every tile and tail: rows 1-8, widths and depths that are
@@ -335,6 +347,7 @@ def _raw_products(fn, cases, threads):
     return out
 
 
+@requires_c_kernels
 def test_few_row_matmul_pool_under_threads_and_fork():
     """The kernel's worker pool: calls from several Python threads at once, with a thread count that
     grows and shrinks the pool, and a forked child (which has none of the parent's workers) all give

@@ -1,11 +1,17 @@
-"""Every depthwise-conv path of the CPU layer agrees with mx.conv2d and with each other."""
+"""Every depthwise-conv path of the CPU layer agrees with mx.conv2d and with each other.
+
+Device and dtype: the CPU, float32 unless a test names another; they need the CPU layer (Linux's CPU) and say so
+when they skip.  The compiled path falls back to the Toeplitz matmuls without a C compiler."""
 
 import itertools
 
 import mlx.core as mx
 import pytest
+from precision import requires_cpu_layer
 
 from fastvlm_mlx.cpu import depthwise as vision
+
+pytestmark = requires_cpu_layer
 
 IMPLS = sorted(vision._DEPTHWISE_IMPLS)
 CASES = list(itertools.product((3, 7), (1, 2), (1, 2), ((9, 9), (10, 12), (16, 13))))

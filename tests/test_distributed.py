@@ -15,9 +15,11 @@ import subprocess
 import sys
 import time
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import FIXTURES, PHOTO, PHOTO2, ROOT, run_cli
+from precision import DECODER_LAYERS, assert_same_greedy_tokens, tolerance
 
 from fastvlm_mlx import generate, load
 from fastvlm_mlx.distributed import local_hosts
@@ -70,7 +72,7 @@ def local():
 
 def single_process_steps(model, processor, max_tokens):
     steps = list(stream_generate(model, processor, "Describe the image.", PHOTO, max_tokens=max_tokens))
-    return [r.token for r in steps], np.stack([np.array(r.logprobs) for r in steps])
+    return [r.token for r in steps], np.stack([np.array(r.logprobs.astype(mx.float32)) for r in steps])
 
 
 @pytest.mark.parametrize("mode", ["tensor", "pipeline"])
@@ -82,9 +84,12 @@ def test_model_parallel_generation_equals_one_process(mode, tmp_path, local):
     assert all(code == 0 for code, _, _ in results), results
     got = json.loads(out.read_text())
     assert got["ranks"] == 2
-    assert got["tokens"] == tokens
-    got_logprobs = np.array(got["logprobs"])
-    assert np.abs(got_logprobs - logprobs).max() <= 1e-4 * np.abs(logprobs).max()
+    # the ranks sum the decoder's matmuls in another order: in half precision that may turn a rounding in any
+    # decoder layer, and tokens agree over the steps whose margins that cannot turn (every step in float32)
+    noise = tolerance(1e-4, DECODER_LAYERS) * np.abs(logprobs).max()
+    steps = assert_same_greedy_tokens(got["tokens"], tokens, logprobs, noise)
+    got_logprobs = np.array(got["logprobs"])[: steps + 1]  # the step after the last compared one has the same context
+    assert np.abs(got_logprobs - logprobs[: steps + 1]).max() <= noise
 
 
 @pytest.mark.parametrize("mode", ["tensor", "pipeline"])

@@ -1,15 +1,26 @@
-"""Every checkpoint format gives the PyTorch reference numbers (transformers/timm, float32)."""
+"""Every checkpoint format gives the PyTorch reference numbers (transformers/timm, float32).
+
+Device and dtype: the process default (``precision.DTYPE``: float32 on this CPU and on a Mac for the float32
+fixtures, half precision in CI's second lane), with the tolerances ``precision`` derives for it; the tests of the
+CPU tower need the CPU layer (float32 on Linux's CPU) and say so when they skip."""
 
 import json
 
 import mlx.core as mx
 import pytest
 from conftest import FIXTURES, FORMATS, PHOTO, rel_err
+from precision import (
+    DTYPE,
+    EMBEDS_TOL,
+    LOGITS_TOL,
+    TEXT_LOGITS_TOL,
+    VISION_TOL,
+    requires_cpu_layer,
+    tolerance,
+)
 
 from fastvlm_mlx import load, stream_generate
 from fastvlm_mlx.model import IMAGE_PLACEHOLDER
-
-TOL = 1e-4
 
 
 @pytest.fixture(scope="module", params=FORMATS)
@@ -28,13 +39,13 @@ def test_vision_features_match_reference(loaded, reference):
     features = model.vision_tower(arrays["pixels"])
     n = meta["num_image_tokens"]
     assert features.shape == (1, int(n**0.5), int(n**0.5), meta["mm_hidden_size"])
-    assert rel_err(features.reshape(1, n, -1), arrays["vision_features"]) <= TOL
+    assert rel_err(features.reshape(1, n, -1), arrays["vision_features"]) <= VISION_TOL
 
 
 def test_projected_embeddings_match_reference(loaded, reference):
     _, (model, _) = loaded
     arrays, _ = reference
-    assert rel_err(model.encode_image(arrays["pixels"]), arrays["image_embeds"]) <= TOL
+    assert rel_err(model.encode_image(arrays["pixels"]), arrays["image_embeds"]) <= EMBEDS_TOL
 
 
 def test_prompt_tokens_match_apple_splice(loaded, reference):
@@ -49,7 +60,7 @@ def test_first_step_logits_match_reference(loaded, reference):
     ids = processor.encode(meta["prompt_text"])
     logits = first_logits(model, ids, model.encode_image(arrays["pixels"]))
     vocab = min(logits.shape[0], arrays["logits_first"].shape[0])  # format B pads the vocabulary
-    assert rel_err(logits[:vocab], arrays["logits_first"][:vocab]) <= TOL
+    assert rel_err(logits[:vocab], arrays["logits_first"][:vocab]) <= LOGITS_TOL
 
 
 def test_text_only_logits_match_reference(loaded, reference):
@@ -59,8 +70,20 @@ def test_text_only_logits_match_reference(loaded, reference):
     assert ids == arrays["text_only_ids"].tolist()
     logits = first_logits(model, ids)
     vocab = min(logits.shape[0], arrays["text_only_logits"].shape[0])
-    assert rel_err(logits[:vocab], arrays["text_only_logits"][:vocab]) <= TOL
+    assert rel_err(logits[:vocab], arrays["text_only_logits"][:vocab]) <= TEXT_LOGITS_TOL
 
+
+def test_the_tolerances_are_tight_enough_to_see_a_dropped_bias(reference):
+    """The control for the tolerances above: the fixture with one defect a converter could make (the projector's
+    last bias dropped) misses the reference by more than the tolerance of the dtype it computes in."""
+    arrays, meta = reference
+    model, processor = load(str(FIXTURES / "format_a"))
+    assert model.language_model.model.norm.weight.dtype == DTYPE
+    model.projector.linear_2.bias = mx.zeros_like(model.projector.linear_2.bias)
+    embeds = model.encode_image(arrays["pixels"])
+    assert rel_err(embeds, arrays["image_embeds"]) > EMBEDS_TOL
+    logits = first_logits(model, processor.encode(meta["prompt_text"]), embeds)
+    assert rel_err(logits[:448], arrays["logits_first"][:448]) > LOGITS_TOL
 
 def test_formats_agree_with_each_other(reference):
     arrays, meta = reference
@@ -85,10 +108,10 @@ def test_quantized_mlx_community_checkpoint(reference):
     assert isinstance(model.language_model.layers[0].mlp.gate_proj, QuantizedLinear)
     expected = mx.load(str(FIXTURES / "reference_c4bit.safetensors"))["logits_first"]
     logits = first_logits(model, processor.encode(meta["prompt_text"]), model.encode_image(arrays["pixels"]))
-    assert rel_err(logits[: expected.shape[0]], expected) <= TOL
+    assert rel_err(logits[: expected.shape[0]], expected) <= LOGITS_TOL
     # the vision tower stays in floating point, so its features are the unquantized reference's
     n = meta["num_image_tokens"]
-    assert rel_err(model.vision_tower(arrays["pixels"]).reshape(1, n, -1), arrays["vision_features"]) <= TOL
+    assert rel_err(model.vision_tower(arrays["pixels"]).reshape(1, n, -1), arrays["vision_features"]) <= VISION_TOL
 
 
 def test_untied_head_detected_despite_config(reference):
@@ -112,9 +135,11 @@ def test_tied_head_when_lm_head_absent(fixture_copy, reference):
     assert model.config.text_config["tie_word_embeddings"] is True
     ids = processor.encode(reference[1]["text_only_prompt"])
     hidden = model.language_model.model(mx.array([ids]))[0, -1]
-    assert rel_err(first_logits(model, ids), hidden @ embed.T) <= 1e-5
+    # one layer apart: the head as the model computes it (in its dtype) against the float32 embeddings
+    assert rel_err(first_logits(model, ids), hidden @ embed.T) <= tolerance(1e-5, 1)
 
 
+@requires_cpu_layer
 def test_bfloat16_checkpoint_loads(fixture_copy, reference, monkeypatch):
     """Released transformers checkpoints are bf16; they load and stay close to the fp32 reference.  On the CPU the
     decoder's linear and embedding weights stay in bf16 (the kernels widen them exactly), and the model gives the
@@ -169,17 +194,20 @@ def test_preprocessing_matches_apple_pipeline(loaded, reference):
     assert mx.abs(processor.preprocess(PHOTO) - arrays["pixels"]).max().item() <= 1e-6
 
 
+@requires_cpu_layer
 def test_channels_last_layout_matches_reference(loaded, reference, monkeypatch):
-    """The GPU's layout (conv stages channels-last, native depthwise convs) gives the reference numbers too."""
+    """The CPU tower in the GPU's layout (conv stages channels-last, native depthwise convs) gives the reference
+    numbers too (the plain tower, which a GPU runs, is channels-last throughout)."""
     _, (model, _) = loaded
     arrays, meta = reference
     n = meta["num_image_tokens"]
     for impl in ("native", "toeplitz"):
         monkeypatch.setenv("FASTVLM_MLX_DEPTHWISE", impl)
         features = model.vision_tower(arrays["pixels"], channels_first=False)
-        assert rel_err(features.reshape(1, n, -1), arrays["vision_features"]) <= TOL, impl
+        assert rel_err(features.reshape(1, n, -1), arrays["vision_features"]) <= VISION_TOL, impl
 
 
+@requires_cpu_layer
 def test_cpu_tower_without_the_c_kernels_matches_reference(loaded, reference, monkeypatch):
     """Where the C kernels cannot run, the CPU tower computes with MLX ops (the Toeplitz depthwise convs,
     MLX attention, the RepMixer blocks over two CPU streams or one): the reference numbers every way."""
@@ -198,4 +226,4 @@ def test_cpu_tower_without_the_c_kernels_matches_reference(loaded, reference, mo
     # the same ops on the same numbers; only the BLAS's thread count differs, which may reorder its sums
     assert rel_err(both, single) <= 1e-5
     for features in (with_kernels, both):
-        assert rel_err(features.reshape(1, n, -1), arrays["vision_features"]) <= TOL
+        assert rel_err(features.reshape(1, n, -1), arrays["vision_features"]) <= VISION_TOL

@@ -11,10 +11,12 @@ import subprocess
 import sys
 
 import pytest
+from precision import requires_linux_cpu_build
 
-pytestmark = pytest.mark.skipif(
-    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="the malloc tuning is glibc-only"
-)
+pytestmark = [
+    requires_linux_cpu_build,  # the package tunes malloc only there (fastvlm_mlx/__init__.py)
+    pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the malloc tuning is glibc-only"),
+]
 
 SCRIPT = r"""
 import json

@@ -53,10 +53,9 @@ class Server:
         raise RuntimeError("server did not start within 120 s")
 
     def rss_mb(self) -> float:
-        for line in open(f"/proc/{self.proc.pid}/status"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
+        """The server's resident memory, by ps (Linux and macOS alike; macOS has no /proc)."""
+        out = subprocess.run(["ps", "-o", "rss=", "-p", str(self.proc.pid)], capture_output=True, text=True, timeout=10)
+        return int(out.stdout.split()[0]) / 1024  # kB
 
     def stop(self):
         self.proc.terminate()

@@ -2,6 +2,7 @@
 
 Device and dtype: whatever the process defaults to (the CPU in float32 here, with and without the CPU layer; the
 second CI lane runs this file with FASTVLM_MLX_CPU=0 in half precision), since the property is the same on each.
+The CPU layer's runs need it (Linux's CPU, float32) and say so when they skip.
 """
 
 import json
@@ -12,6 +13,9 @@ import sys
 import pytest
 
 from conftest import FIXTURES, PHOTO, PHOTO2, ROOT
+from precision import requires_cpu_layer
+
+CPU_LAYER = [pytest.param("1", id="cpu-layer", marks=requires_cpu_layer), pytest.param("0", id="plain")]
 
 SCRIPT = r"""
 import json, sys
@@ -45,7 +49,7 @@ print(json.dumps({"alone": alone, "together": together}))
 """
 
 
-@pytest.mark.parametrize("cpu_layer", ["1", "0"], ids=["cpu-layer", "plain"])
+@pytest.mark.parametrize("cpu_layer", CPU_LAYER)
 def test_calls_from_a_thread_pool_match_calls_alone_and_exit_cleanly(cpu_layer):
     env = dict(os.environ, FASTVLM_MLX_CPU=cpu_layer, PYTHONFAULTHANDLER="1", HF_HUB_OFFLINE="1")
     proc = subprocess.run(
@@ -73,7 +77,7 @@ print("done")
 """
 
 
-@pytest.mark.parametrize("cpu_layer", ["1", "0"], ids=["cpu-layer", "plain"])
+@pytest.mark.parametrize("cpu_layer", CPU_LAYER)
 def test_generate_from_a_worker_thread_then_a_normal_exit(cpu_layer):
     """Before the MLX thread, this aborted at exit ('terminate called without an active exception', status 134)."""
     env = dict(os.environ, FASTVLM_MLX_CPU=cpu_layer, HF_HUB_OFFLINE="1")

@@ -7,7 +7,7 @@ MLX_HOSTFILE set: rank 0 writes the tokens and the log-probabilities of every st
 import json
 import sys
 
-import numpy as np
+import mlx.core as mx
 
 from fastvlm_mlx import distributed, load
 from fastvlm_mlx.engine import engine_for, stream_generate
@@ -22,7 +22,7 @@ def main(model_path, mode, image, max_tokens, out):
         steps = list(stream_generate(model, processor, "Describe the image.", image, max_tokens=int(max_tokens)))
     with open(out, "w") as f:
         json.dump({"tokens": [r.token for r in steps], "text": "".join(r.text for r in steps),
-                   "logprobs": [np.array(r.logprobs).tolist() for r in steps], "ranks": cluster.size}, f)
+                   "logprobs": [r.logprobs.astype(mx.float32).tolist() for r in steps], "ranks": cluster.size}, f)
 
 
 if __name__ == "__main__":
