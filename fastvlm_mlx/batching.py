@@ -58,6 +58,7 @@ class _Sequence:
     admitted: Admitted
     detokenizer: object
     fed: List[int] = field(default_factory=list)  # every token the KV cache took, end-of-turn ones included
+    processed: bool = False  # whether logits processors act on its logits
     answer_tokens: int = 0
 
 
@@ -120,12 +121,13 @@ class BatchDecoder:
             self.model(mx.zeros((1, chunk.shape[0]), dtype=mx.int32), cache=kv, input_embeddings=chunk[None])
             mx.eval([c.state for c in kv])
         last = positions[-1]
+        processors = sampling.processors()
         (uid,) = self.generator.insert(
             [[last]], max_tokens=[sampling.max_tokens], caches=[kv], samplers=[sampling.sampler()],
-            logits_processors=[sampling.processors()],
+            logits_processors=[processors],
         )
         admitted = Admitted(uid, len(positions), cached, vision_ms, positions)
-        self.running[uid] = _Sequence(admitted, self.tokenizer.detokenizer)
+        self.running[uid] = _Sequence(admitted, self.tokenizer.detokenizer, processed=bool(processors))
         return admitted
 
     @runs_on_mlx_thread
@@ -143,7 +145,7 @@ class BatchDecoder:
             if seq is None:
                 continue
             try:
-                check_finite(r.logprobs, r.token, self.engine.dtype)
+                check_finite(r.logprobs, r.token, self.engine.dtype, seq.processed)
             except NonFiniteLogitsError as e:  # this sequence ends with the error; the batch goes on
                 if r.finish_reason is None:
                     self.generator.remove([r.uid])

@@ -101,11 +101,12 @@ class Sampling:
         return penalties + list(self.logits_processors)
 
 
-def check_finite(logprobs: mx.array, token: int, dtype: mx.Dtype) -> None:
+def check_finite(logprobs: mx.array, token: int, dtype: mx.Dtype, processed: bool = False) -> None:
     """Raise a clear error, instead of streaming garbage, when the logits overflowed ``dtype``.
 
     A NaN or infinite logit makes the log-softmax non-finite at the sampled token too, so one element
-    tells."""
+    tells.  mlx-lm takes the log-softmax after the logits processors, so with ``processed`` the message
+    also names them (a bias too large for ``dtype`` overflows the same way)."""
     if np.isfinite(logprobs.reshape(-1)[token].item()):
         return
     name = str(dtype).rsplit(".", 1)[-1]
@@ -115,7 +116,8 @@ def check_finite(logprobs: mx.array, token: int, dtype: mx.Dtype) -> None:
         advice = "load it with dtype='float32' (--dtype float32)"
     else:
         advice = "load it with dtype='bfloat16' (--dtype bfloat16) or 'float32'"
-    raise NonFiniteLogitsError(f"the model's logits are not finite (NaN or inf) in {name}: {advice}")
+    cause = " (or a logits processor's values overflowed it)" if processed else ""
+    raise NonFiniteLogitsError(f"the model's logits are not finite (NaN or inf) in {name}{cause}: {advice}")
 
 
 def image_digest(pixels: mx.array) -> str:
@@ -349,6 +351,7 @@ class Engine:
         tokens = [t if isinstance(t, int) else filler for t in positions[cached:]]
         generated: List[int] = []
         ttft_ms = None
+        processors = sampling.processors()
         try:
             for r in lm_stream_generate(
                 self.model,
@@ -356,14 +359,14 @@ class Engine:
                 mx.array(tokens),
                 max_tokens=sampling.max_tokens,
                 sampler=sampling.sampler(),
-                logits_processors=sampling.processors(),
+                logits_processors=processors,
                 input_embeddings=embeddings,
                 prompt_cache=cache.kv if cache is not None else None,
                 **generate_kwargs,
             ):
                 if ttft_ms is None:
                     ttft_ms = (time.perf_counter() - start) * 1e3
-                check_finite(r.logprobs, r.token, self.dtype)
+                check_finite(r.logprobs, r.token, self.dtype, bool(processors))
                 generated.append(r.token)
                 try:
                     yield GenerationResponse(
