@@ -23,10 +23,17 @@ def _export_coreml_only(src: Path, dst: Path, options: dict, force: bool) -> Non
     print(f"wrote {package}", file=sys.stderr)
 
 
+# what the progress bar counts: each step is done when the next one begins ("done" ends the last)
+STEPS = ("reading checkpoint", "building model", "writing")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     import typer
     from tqdm import tqdm
 
+    from fastvlm_mlx.cli import use_one_line_warnings, warnings_above
+
+    use_one_line_warnings()
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
     @app.command(
@@ -112,9 +119,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .app_bundle import convert_app_bundle
 
             write = convert_app_bundle
-            write_options = dict(
-                coreml_precision=coreml_precision, warn=lambda m: print(f"warning: {m}", file=sys.stderr)
-            )
+            write_options = dict(coreml_precision=coreml_precision, warn=lambda m: tqdm.write(f"warning: {m}",
+                                                                                              file=sys.stderr))
         elif coreml_options is not None:
             from .coreml import PACKAGE_NAME, export_coreml
 
@@ -123,14 +129,14 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             write_options = dict(extra_export=extra_export)
 
-        steps = ["reading checkpoint", "building model", "writing", "done"]
         # disable=None: a bar on terminals only, so logs and error output stay clean
-        with tqdm(total=len(steps) + quantize, desc="converting", unit="step", file=sys.stderr, disable=None) as bar:
+        with tqdm(total=len(STEPS) + quantize, desc="converting", unit="step", file=sys.stderr,
+                  disable=None) as bar, warnings_above(bar):
 
             def progress(step: str) -> None:
-                bar.set_postfix_str(step)
-                if step != "reading checkpoint":
+                if step != STEPS[0]:
                     bar.update(1)
+                bar.set_postfix_str(step)
 
             write(
                 src,

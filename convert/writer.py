@@ -6,6 +6,8 @@ half-written model where a user (or ``load``) would find it.
 """
 
 import json
+import os
+import secrets
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -55,7 +57,8 @@ def atomic_directory(dst: Path, force: bool) -> Iterator[Path]:
     dst.parent.mkdir(parents=True, exist_ok=True)
     for stale in dst.parent.glob(f".{dst.name}.partial-*"):  # left by a killed earlier run
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()  # mode 0o777 less the umask, as the folder the user gets (mkdtemp's would be 0700)
     try:
         yield tmp
         if dst.exists():

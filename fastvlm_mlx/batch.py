@@ -9,7 +9,9 @@ back to ``--prompt``).  Images are decoded ahead of the model on a background th
 the server's batching).  Each finished input appends one JSON line to ``--output`` and flushes it; a
 re-run skips the ids already there (a torn last line is dropped first), so a run stopped at any point
 resumes where it was.  A missing, corrupt or oversized image becomes an ``error`` record and the run
-goes on.  Exit status: 0 when every input has a record without error, 1 otherwise.
+goes on; ``--retry-errors`` tries the inputs with an error record again (their old records are dropped
+first, in one atomic rewrite of the file).  Exit status: 0 when every input has a record without
+error, 1 otherwise, 130 when stopped by Ctrl-C (what was done is kept: run again to resume).
 """
 
 import glob
@@ -74,8 +76,11 @@ def read_records(data: bytes):
             continue
 
 
-def done_ids(output: Path) -> dict:
-    """Ids already in ``output`` -> whether their record is an error; a torn last line is cut off first."""
+def done_ids(output: Path, retry_errors: bool = False) -> dict:
+    """Ids already in ``output`` -> whether their record is an error; a torn last line is cut off first.
+
+    With ``retry_errors`` the error records are removed (the file is rewritten beside itself and renamed
+    over, so it is never half-written) and their ids are not returned: they are to be done again."""
     if not output.exists():
         return {}
     data = output.read_bytes()
@@ -83,7 +88,14 @@ def done_ids(output: Path) -> dict:
     if end < len(data):  # a line the previous run did not finish writing
         with open(output, "r+b") as f:
             f.truncate(end)
-    return {i: "error" in record for i, _, record in read_records(data[:end])}
+    done = {i: "error" in record for i, _, record in read_records(data[:end])}
+    if retry_errors and any(done.values()):
+        kept = [line for i, line, record in read_records(data[:end]) if "error" not in record]
+        tmp = output.with_name(output.name + ".retrying")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, output)
+        done = {i: False for i, failed in done.items() if not failed}
+    return done
 
 
 def _decode_ahead(items: List[dict], out: "queue.Queue", stop: threading.Event) -> None:
@@ -148,22 +160,24 @@ def caption(engine, items: List[dict], sampling: dict, batch_size: int, write) -
         stop.set()
 
 
-def _caption_all(model_path, source, output, prompt, sampling, batch_size, loaded=None, cluster=None) -> int:
+def _caption_all(model_path, source, output, prompt, sampling, batch_size, loaded=None, cluster=None,
+                 retry_errors=False) -> int:
     """The whole run of one process, or of one data-parallel rank (``cluster``): list the inputs, skip
     those already answered, caption the rest, summarize; returns the exit status."""
     from tqdm import tqdm
 
+    from .cli import report_interrupt, warnings_above
     from .engine import engine_for
     from .loader import load
 
     items = list_inputs(source, prompt)
     if cluster is None:
-        done, target, mine = done_ids(output), output, items
+        done, target, mine = done_ids(output, retry_errors), output, items
     else:  # what rank 0's output holds and this rank's part file adds; this rank's share of the inputs
         check_same_inputs(items, cluster)
-        done = cluster.share(done_ids(output) if cluster.leader else None)
+        done = cluster.share(done_ids(output, retry_errors) if cluster.leader else None)
         target, mine = part_path(output, cluster), items[cluster.rank :: cluster.size]
-        done.update(done_ids(target))
+        done.update(done_ids(target, retry_errors))
     todo = [item for item in mine if item["id"] not in done]
     counts = [0, 0, len(mine) - len(todo)]  # answered, failed, already done
     start = time.perf_counter()
@@ -172,9 +186,10 @@ def _caption_all(model_path, source, output, prompt, sampling, batch_size, loade
         start = time.perf_counter()  # images/s is for captioning, not for loading the model
         target.parent.mkdir(parents=True, exist_ok=True)
         quiet = cluster is not None and not cluster.leader  # one progress bar: rank 0's share
+        interrupted = False
         with open(target, "a", encoding="utf-8") as out, tqdm(
             total=len(todo), unit="img", file=sys.stderr, dynamic_ncols=True, disable=True if quiet else None
-        ) as bar:
+        ) as bar, warnings_above(bar):
 
             def write(record: dict) -> None:
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -184,7 +199,15 @@ def _caption_all(model_path, source, output, prompt, sampling, batch_size, loade
                 bar.update(1)
                 bar.set_postfix(done=counts[0], failed=counts[1])
 
-            caption(engine_for(model, processor), todo, sampling, batch_size, write)
+            try:
+                caption(engine_for(model, processor), todo, sampling, batch_size, write)
+            except KeyboardInterrupt:
+                if cluster is not None:
+                    raise
+                interrupted = True  # every record written so far is whole and flushed
+        if interrupted:
+            return report_interrupt(f"{counts[0]} answered and {counts[1]} failed in this run are in {output}; "
+                                    "run the same command again to resume")
     finished = done  # what the output held, and what this run added
     if cluster is not None:
         finished = merge_parts(output, target, items, cluster)
@@ -197,7 +220,7 @@ def _caption_all(model_path, source, output, prompt, sampling, batch_size, loade
         print(
             f"{counts[0]} answered, {counts[1]} failed, {counts[2]} already in {output}{ranks}; "
             f"{(counts[0] + counts[1]) / elapsed if elapsed and counts[0] + counts[1] else 0:.3g} images/s; "
-            f"{failed} input(s) with errors in total",
+            f"{failed} input(s) with errors in total" + (" (--retry-errors tries them again)" if failed else ""),
             file=sys.stderr,
         )
     if cluster is not None:
@@ -247,27 +270,30 @@ def merge_parts(output: Path, part: Path, items: List[dict], cluster) -> dict:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """The ``fastvlm-batch`` command; returns the exit status (console scripts exit with it)."""
     import typer
 
     from . import distributed
+    from .cli import report_interrupt, sampling_options, use_one_line_warnings
     from .errors import exit_on_user_error
     from .loader import DEFAULT_MODEL, load
 
+    use_one_line_warnings()
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     status = {"code": 0}
 
     @app.command(help="Caption or question every image of a folder, glob, list or JSONL file into a JSONL file.")
     @exit_on_user_error
+    @sampling_options
     def run(
         model_path: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model directory or Hugging Face repo id."),
         source: str = typer.Option(..., "--input", "-i", help="Directory, glob, text file of paths, or JSONL file."),
         output: Path = typer.Option(..., "--output", "-o", help="JSONL file the records are appended to."),
         prompt: str = typer.Option("Describe the image.", "--prompt", "-p", help="Prompt for inputs without their own."),
         batch_size: int = typer.Option(8, "--batch-size", help="Images encoded and decoded together."),
-        max_tokens: int = typer.Option(128, "--max-tokens"),
-        temperature: float = typer.Option(0.0, "--temperature", "--temp"),
-        top_p: float = typer.Option(1.0, "--top-p"),
-        seed: Optional[int] = typer.Option(None, "--seed"),
+        retry_errors: bool = typer.Option(
+            False, "--retry-errors", help="Try the inputs whose record in --output is an error again."
+        ),
         parallel: str = typer.Option(
             "data", "--parallel",
             help="Under mlx.launch: 'data' (each rank answers its share of the inputs with the whole model), "
@@ -275,34 +301,43 @@ def main(argv: Optional[List[str]] = None) -> int:
         ),
         connect_timeout: float = typer.Option(distributed.DEFAULT_CONNECT_TIMEOUT, "--connect-timeout",
                                               help=distributed.CONNECT_HELP),
+        sampling: Optional[dict] = None,
     ):
-        from .engine import Sampling, engine_for
+        from .engine import engine_for
 
-        sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-        Sampling(**sampling)
         if batch_size < 1:
             raise FastVLMError(f"--batch-size must be at least 1 (got {batch_size})")
+        if output.is_dir():
+            raise FastVLMError(f"{output}: is a directory; --output names the JSONL file to write")
+        options = dict(retry_errors=retry_errors)
         cluster = distributed.start(parallel, connect_timeout, allowed=("data",) + distributed.MODEL_PARALLEL)
         if cluster is not None and cluster.splits_model:
             model, processor = load(model_path, cluster=cluster)
             if not distributed.follow_or_lead(cluster, engine_for(model, processor)):
                 return  # a follower rank: rank 0 reads the inputs and writes the output
             with distributed.leading(cluster):
-                status["code"] = _caption_all(model_path, source, output, prompt, sampling, batch_size, (model, processor))
+                status["code"] = _caption_all(model_path, source, output, prompt, sampling, batch_size,
+                                              (model, processor), **options)
             return
-        status["code"] = _caption_all(model_path, source, output, prompt, sampling, batch_size, cluster=cluster)
+        status["code"] = _caption_all(model_path, source, output, prompt, sampling, batch_size, cluster=cluster,
+                                      **options)
 
     try:
-        app(args=argv, standalone_mode=False)
+        stopped = app(args=argv, standalone_mode=False)  # typer gives 130 for a Ctrl-C it caught
     except SystemExit as e:
         return int(e.code or 0)
-    except Exception as e:  # click's usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+    except KeyboardInterrupt:
+        stopped = 130
+    except Exception as e:
+        if type(e).__name__ == "Abort":  # how older typer (click) reports a Ctrl-C
+            stopped = 130
+        elif hasattr(e, "show") and isinstance(getattr(e, "exit_code", None), int):  # click's usage errors
             e.show()
-            return 2
-        raise
+            return e.exit_code
+        else:
+            raise
+    if stopped == 130:  # before the captioning began (while loading, say)
+        return report_interrupt()
     return status["code"]
 
 

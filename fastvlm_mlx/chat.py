@@ -1,13 +1,17 @@
 """``python -m fastvlm_mlx.chat``: chat with FastVLM about images in the terminal (or from a script).
 
-Each answer streams to stdout.  Commands: ``/image PATH`` attaches an image to the next message,
-``/reset`` starts over, ``/save FILE`` and ``/load FILE`` keep a conversation (history and KV cache),
-``/quit`` leaves.  When stdin is not a terminal, each line is one user message and each answer one
-line of output.  A bad command or input prints one ``error: ...`` line and the conversation goes on.
+Each answer streams to stdout.  Commands: ``/image PATH`` attaches an image (a file or an http(s) URL) to
+the next message, ``/reset`` starts over, ``/save FILE`` and ``/load FILE`` keep a conversation (history
+and KV cache, in ``FILE.safetensors``), ``/quit`` leaves.  In a terminal the input line can be edited and
+earlier lines recalled (prompt_toolkit); Ctrl-C stops the answer being written and keeps the conversation,
+Ctrl-C at the prompt or Ctrl-D leaves.  When stdin is not a terminal, each line is one user message and
+each answer one line of output.  A bad command or input prints one ``error: ...`` line and the
+conversation goes on.
 """
 
 import sys
-from typing import List, Optional
+from pathlib import Path
+from typing import Callable, List, Optional
 
 from . import distributed
 from .errors import FastVLMError
@@ -46,7 +50,7 @@ class ChatREPL:
         return True
 
     def _command(self, line: str) -> bool:
-        from .image import load_image
+        from .cli import image_argument
         from .session import ChatSession
 
         name, _, arg = line.partition(" ")
@@ -59,16 +63,18 @@ class ChatREPL:
         elif name == "/image":
             if not arg:
                 raise FastVLMError("/image needs a path")
-            load_image(arg)  # fails now, with the file named, rather than at the next message
-            self.images.append(arg)
+            self.images.append(image_argument(arg))  # fails now, with the file named, not at the next message
         elif name == "/save":
             if not arg:
                 raise FastVLMError("/save needs a file name")
-            self.chat.save(arg)
+            path = conversation_file(arg)
+            self.chat.save(path)
+            print(f"saved to {path}", file=self.err, flush=True)
         elif name == "/load":
             if not arg:
                 raise FastVLMError("/load needs a file name")
-            self.chat = ChatSession.load(arg, self.chat.model, self.chat.processor)
+            self.chat = ChatSession.load(conversation_file(arg), self.chat.model, self.chat.processor)
+            self.images = []
         elif name == "/help":
             print(HELP, file=self.err, flush=True)
         else:
@@ -77,9 +83,19 @@ class ChatREPL:
 
     def _ask(self, text: str) -> None:
         last = None
-        for last in self.chat.stream(text, self.images or None, **self.sampling):
-            self.out.write(last.text)
+        answer = self.chat.stream(text, self.images or None, **self.sampling)
+        try:
+            for last in answer:
+                self.out.write(last.text)
+                self.out.flush()
+        except KeyboardInterrupt:  # Ctrl-C: the answer stops here and stays in the conversation, as far as it got
+            answer.close()
+            self.out.write("\n")
             self.out.flush()
+            print("(stopped)", file=self.err, flush=True)
+            if last is not None:  # the turn is in the history; if nothing came, the images wait for the next one
+                self.images = []
+            return
         self.images = []  # attached to this message only; it is now part of the history
         self.out.write("\n")
         self.out.flush()
@@ -87,35 +103,41 @@ class ChatREPL:
             print(_stats_line(last), file=self.err, flush=True)
 
 
+def conversation_file(name: str) -> Path:
+    """Where ``/save NAME`` writes and ``/load NAME`` reads: ``~`` expanded, ``.safetensors`` added when
+    missing (the format's extension, which the writer would add anyway)."""
+    path = Path(name).expanduser()
+    return path if path.suffix == ".safetensors" else path.with_name(path.name + ".safetensors")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     import typer
 
+    from .cli import image_argument, sampling_options, use_one_line_warnings
     from .errors import exit_on_user_error
     from .loader import DEFAULT_MODEL, load
 
+    use_one_line_warnings()
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
     @app.command(help="Chat with FastVLM about images. " + HELP + ".")
     @exit_on_user_error
+    @sampling_options
     def run(
         model_path: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model directory or Hugging Face repo id."),
         image: Optional[List[str]] = typer.Option(None, "--image", "-i", help="Image(s) for the first message."),
         system: str = typer.Option(DEFAULT_SYSTEM, "--system", help="System prompt ('' for none)."),
-        max_tokens: int = typer.Option(256, "--max-tokens", help="Most tokens per answer."),
-        temperature: float = typer.Option(0.0, "--temperature", "--temp", help="0 means greedy."),
-        top_p: float = typer.Option(1.0, "--top-p"),
-        seed: Optional[int] = typer.Option(None, "--seed"),
         image_cache_mb: int = typer.Option(256, "--image-cache-mb", help="Image-feature cache size (0 disables)."),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="Per turn: TTFT, vision time, cached and new positions."),
         parallel: str = typer.Option("tensor", "--parallel", help=distributed.PARALLEL_HELP),
         connect_timeout: float = typer.Option(distributed.DEFAULT_CONNECT_TIMEOUT, "--connect-timeout",
                                               help=distributed.CONNECT_HELP),
+        sampling: Optional[dict] = None,
     ):
-        from .engine import Sampling, engine_for
+        from .engine import engine_for
         from .session import ChatSession
 
-        sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-        Sampling(**sampling)  # bad options fail before the model is loaded
+        images = [image_argument(i) for i in image or []]  # a bad image fails before the model loads, as in generate
         cluster = distributed.start(parallel, connect_timeout)
         model, processor = load(model_path, cluster=cluster)
         engine = engine_for(model, processor, image_cache_bytes=image_cache_mb << 20)
@@ -123,26 +145,40 @@ def main(argv: Optional[List[str]] = None) -> int:
             return  # a follower rank: rank 0 reads the input and prints
         with distributed.leading(cluster):
             repl = ChatREPL(ChatSession(model, processor, system=system or None, engine=engine), sampling, verbose)
-            for path in image or []:
-                repl.handle(f"/image {path}")
+            repl.images = images
             _converse(repl)
 
     app(args=argv)
     return 0
 
 
-def _converse(repl: ChatREPL) -> None:
-    interactive = sys.stdin.isatty()
-    if interactive:
-        print(f"fastvlm-mlx chat ({HELP})", file=sys.stderr)
+def line_reader(interactive: bool, **session_options) -> Callable[[], str]:
+    """How the next input line is read: with line editing and history in a terminal (prompt_toolkit,
+    else ``input``), plain lines otherwise.  Returns "" at the end of input."""
+    if not interactive:
+        return sys.stdin.readline
+    try:
+        from prompt_toolkit import PromptSession
+        from prompt_toolkit.history import InMemoryHistory
+    except ImportError:
+        return lambda: input(">> ") + "\n"
+    session = PromptSession(history=InMemoryHistory(), **session_options)
+    return lambda: session.prompt(">> ") + "\n"
+
+
+def _converse(repl: ChatREPL, read: Optional[Callable[[], str]] = None) -> None:
+    """Read and handle lines until /quit, the end of input, or Ctrl-C / Ctrl-D at the prompt."""
+    interactive = read is not None or sys.stdin.isatty()
+    if read is None:
+        read = line_reader(interactive)
+        if interactive:
+            print(f"fastvlm-mlx chat ({HELP}; Ctrl-C stops an answer, Ctrl-D quits)", file=sys.stderr)
     while True:
         try:
-            line = input(">> ") if interactive else sys.stdin.readline()
+            line = read()
         except (EOFError, KeyboardInterrupt):
             break
-        if not interactive and not line:
-            break
-        if not repl.handle(line):
+        if not line or not repl.handle(line):
             break
 
 

@@ -12,6 +12,7 @@ Every front-end (``generate``/``stream_generate`` below, ``ChatSession``, the CL
 import hashlib
 import itertools
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Hashable, Iterator, List, Optional, Sequence
@@ -93,6 +94,10 @@ class Sampling:
         if self.seed is None:
             self.seed = time.time_ns() % (1 << 63)
         return {k: v for k, v in asdict(self).items() if k != "logits_processors"}
+
+    def budget(self, prompt_positions: int, context_length: int) -> int:
+        """The most tokens this request may generate: ``max_tokens``, cut to what the context leaves."""
+        return max(1, min(self.max_tokens, context_length - prompt_positions))
 
     def processors(self) -> list:
         penalties = make_logits_processors(
@@ -352,12 +357,14 @@ class Engine:
         generated: List[int] = []
         ttft_ms = None
         processors = sampling.processors()
+        context = self.processor.context_length
+        budget = sampling.budget(len(positions), context)
         try:
             for r in lm_stream_generate(
                 self.model,
                 self.processor.tokenizer,
                 mx.array(tokens),
-                max_tokens=sampling.max_tokens,
+                max_tokens=budget,
                 sampler=sampling.sampler(),
                 logits_processors=processors,
                 input_embeddings=embeddings,
@@ -368,6 +375,9 @@ class Engine:
                     ttft_ms = (time.perf_counter() - start) * 1e3
                 check_finite(r.logprobs, r.token, self.dtype, bool(processors))
                 generated.append(r.token)
+                if r.finish_reason == "length" and budget < sampling.max_tokens:
+                    warnings.warn(f"the answer stopped at the model's context of {context} positions "
+                                  f"(the prompt took {len(positions)}; max_tokens was {sampling.max_tokens})")
                 try:
                     yield GenerationResponse(
                         **dict(asdict(r), prompt_tokens=len(positions)),

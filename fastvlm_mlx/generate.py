@@ -21,25 +21,22 @@ def _stats_line(r: GenerationResponse) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     import typer
 
+    from .cli import image_argument, sampling_options, use_one_line_warnings
     from .loader import DEFAULT_MODEL, load
 
+    use_one_line_warnings()
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
     @app.command(help="Answer a prompt about an image (or a text-only prompt) with FastVLM.")
     @exit_on_user_error
+    @sampling_options
     def run(
         prompt: str = typer.Option(..., "--prompt", "-p", help="What to ask."),
         image: Optional[List[str]] = typer.Option(
-            None, "--image", "-i", help="Image file; repeat for several images, omit for a text-only prompt."
+            None, "--image", "-i",
+            help="Image file or http(s) URL; repeat for several images, omit for a text-only prompt.",
         ),
         model_path: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model directory or Hugging Face repo id."),
-        max_tokens: int = typer.Option(256, "--max-tokens", help="Most tokens to generate."),
-        temperature: float = typer.Option(0.0, "--temperature", "--temp", help="0 means greedy."),
-        top_p: float = typer.Option(1.0, "--top-p"),
-        top_k: int = typer.Option(0, "--top-k"),
-        min_p: float = typer.Option(0.0, "--min-p"),
-        repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty"),
-        seed: Optional[int] = typer.Option(None, "--seed"),
         system: str = typer.Option(DEFAULT_SYSTEM, "--system", help="System prompt ('' for none)."),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="Print timing and memory to stderr."),
         vision_backend: str = typer.Option(
@@ -48,15 +45,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         parallel: str = typer.Option("tensor", "--parallel", help=distributed.PARALLEL_HELP),
         connect_timeout: float = typer.Option(distributed.DEFAULT_CONNECT_TIMEOUT, "--connect-timeout",
                                               help=distributed.CONNECT_HELP),
+        sampling: dict = None,
     ):
+        images = [image_argument(i) for i in image or []]  # a bad image fails before the model loads
         cluster = distributed.start(parallel, connect_timeout)
         model, processor = load(model_path, vision_backend=vision_backend, cluster=cluster)
         if not distributed.follow_or_lead(cluster, engine_for(model, processor)):
             return  # a follower rank: rank 0 prints
         with distributed.leading(cluster):
-            _answer(model, processor, prompt, image, system, verbose, dict(
-                max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                repetition_penalty=repetition_penalty, seed=seed))
+            _answer(model, processor, prompt, images, system, verbose, sampling)
 
     app(args=argv)
     return 0

@@ -58,14 +58,18 @@ def default_dtype(stored: mx.Dtype = mx.float32) -> mx.Dtype:
 
 
 def resolve_path(path_or_repo: str) -> Path:
-    """A local directory as is; otherwise a Hugging Face repo id, downloaded (or taken from the cache)."""
+    """A local directory as is; otherwise a Hugging Face repo id, downloaded (or taken from the cache).
+
+    A missing path that cannot be a repo id (``./x``, ``/x``, ``a/b/c``, or ``models/x`` where ``models``
+    is a local folder) is reported as a missing directory instead of being looked up on the hub."""
     path = Path(path_or_repo).expanduser()
     if path.exists():
         if not path.is_dir():
             raise FastVLMError(f"{path}: not a directory (pass a model directory or a Hugging Face repo id)")
         return path
-    if path_or_repo.count("/") != 1 or path_or_repo.startswith((".", "/", "~")):
-        raise FastVLMError(f"{path_or_repo}: no such model directory")
+    first = path_or_repo.split("/")[0]
+    if path_or_repo.count("/") != 1 or path_or_repo.startswith((".", "/", "~")) or Path(first).is_dir():
+        raise FastVLMError(f"{path_or_repo}: no such model directory")  # a local path, not a hub id
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
@@ -74,8 +78,8 @@ def resolve_path(path_or_repo: str) -> Path:
     except Exception as e:  # hub errors come in many classes (offline, 404, gated, network)
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FastVLMError(
-            f"could not get model {path_or_repo!r} from the Hugging Face Hub ({type(e).__name__}: {reason}); "
-            "pass a local model directory with --model"
+            f"{path_or_repo}: no such model directory, and could not get it from the Hugging Face Hub "
+            f"({type(e).__name__}: {reason}); give the path of a local model directory instead"
         ) from None
 
 

@@ -42,7 +42,7 @@ class ServerConfig:
     port: int = 8080
     api_key: Optional[str] = None
     max_tokens_limit: int = 4096
-    default_max_tokens: int = 512
+    sampling: dict = field(default_factory=dict)  # defaults for what a request leaves out (cli.sampling_defaults)
     max_queue: int = 64
     max_batch: int = 8
     request_timeout: float = 600.0
@@ -204,17 +204,20 @@ def parse_request(body, cfg: ServerConfig) -> ParsedRequest:
     for name in ("max_completion_tokens", "max_tokens"):
         if body.get(name) is not None and _number(body, name, int) < 1:
             raise APIError(400, f"{name} must be at least 1", name)
-    max_tokens = min(max_tokens or cfg.default_max_tokens, cfg.max_tokens_limit)
-    temperature = _number(body, "temperature", float, 0, 2)
-    sampling = dict(
+    given = dict(
         max_tokens=max_tokens,
-        temperature=0.0 if temperature is None else temperature,
-        top_p=_number(body, "top_p", float, 0, 1) or 1.0,
-        top_k=_number(body, "top_k", int, 0) or 0,
-        min_p=_number(body, "min_p", float, 0, 1) or 0.0,
+        temperature=_number(body, "temperature", float, 0, 2),
+        top_p=_number(body, "top_p", float, 0, 1),
+        top_k=_number(body, "top_k", int, 0),
+        min_p=_number(body, "min_p", float, 0, 1),
         repetition_penalty=_number(body, "repetition_penalty", float, 0),
         seed=_number(body, "seed", int),
     )
+    from .cli import sampling_defaults
+
+    defaults = {**sampling_defaults(), **cfg.sampling}
+    sampling = {name: defaults[name] if value is None else value for name, value in given.items()}
+    sampling["max_tokens"] = min(sampling["max_tokens"], cfg.max_tokens_limit)
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else stop or []
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 16:
@@ -656,22 +659,49 @@ def create_app(model, processor, cfg: ServerConfig, model_id: str):
     return app
 
 
+def listen(host: str, port: int):
+    """A socket bound and listening on host:port, made before the model loads, so that a busy port fails
+    at once; uvicorn then serves on it."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, UnicodeError) as e:
+        raise FastVLMError(f"cannot listen on {host}:{port} ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: not blocked by TIME_WAIT
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise FastVLMError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+    return sock
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     import typer
 
     from . import distributed
+    from .cli import sampling_options, use_one_line_warnings
     from .engine import engine_for
     from .errors import exit_on_user_error
     from .loader import DEFAULT_MODEL, load
 
+    use_one_line_warnings()
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
-    @app.command(help="Serve FastVLM over the OpenAI chat-completions API (binds to 127.0.0.1 by default).")
+    @app.command(help="Serve FastVLM over the OpenAI chat-completions API (binds to 127.0.0.1 by default). "
+                      "The sampling options are the defaults of requests that leave them out.")
     @exit_on_user_error
+    @sampling_options
     def run(
         model_path: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model directory or Hugging Face repo id."),
         host: str = typer.Option("127.0.0.1", "--host"),
-        port: int = typer.Option(8080, "--port"),
+        port: int = typer.Option(8080, "--port", help="Port to listen on (0: any free port, printed at start)."),
         api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY'."),
         max_tokens_limit: int = typer.Option(4096, "--max-tokens-limit", help="Cap on max_tokens per request."),
         max_queue: int = typer.Option(64, "--max-queue", help="Requests waiting beyond the batch (429 when full)."),
@@ -687,6 +717,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parallel: str = typer.Option("tensor", "--parallel", help=distributed.PARALLEL_HELP),
         connect_timeout: float = typer.Option(distributed.DEFAULT_CONNECT_TIMEOUT, "--connect-timeout",
                                               help=distributed.CONNECT_HELP),
+        sampling: Optional[dict] = None,
     ):
         if allowed_image_dir is not None and not Path(allowed_image_dir).is_dir():
             raise FastVLMError(f"{allowed_image_dir}: --allowed-image-dir is not a directory")
@@ -695,23 +726,38 @@ def main(argv: Optional[List[str]] = None) -> int:
                            max_body_bytes=int(max_body_mb * (1 << 20)),
                            max_image_bytes=int(max_image_mb * (1 << 20)), max_image_pixels=max_image_pixels,
                            allow_remote_images=allow_remote_images, allowed_image_dir=allowed_image_dir,
-                           image_cache_bytes=image_cache_mb << 20, prompt_cache_bytes=prompt_cache_mb << 20)
+                           image_cache_bytes=image_cache_mb << 20, prompt_cache_bytes=prompt_cache_mb << 20,
+                           sampling=sampling)
         try:
             import uvicorn
         except ImportError:
             raise FastVLMError("the server needs FastAPI and uvicorn: pip install -e '.[server]'") from None
         cluster = distributed.start(parallel, connect_timeout)
-        model, processor = load(model_path, cluster=cluster)
-        if not distributed.follow_or_lead(cluster, engine_for(model, processor, cfg.image_cache_bytes)):
-            return  # a follower rank: rank 0 serves
-        service = create_app(model, processor, cfg, model_path)
-        print(f"fastvlm-mlx serving {model_path} on http://{host}:{port}/v1", file=sys.stderr, flush=True)
+        sock = listen(host, port) if cluster is None or cluster.leader else None  # before the slow model load
         try:
-            uvicorn.run(service, host=host, port=port, log_level="warning")
-        except KeyboardInterrupt:
-            pass
-        finally:  # the generation loop ends between steps, and lets follower ranks go
-            service.state.generation.stop()
+            model, processor = load(model_path, cluster=cluster)
+            if not distributed.follow_or_lead(cluster, engine_for(model, processor, cfg.image_cache_bytes)):
+                return  # a follower rank: rank 0 serves
+            service = create_app(model, processor, cfg, model_path)
+            bound = sock.getsockname()
+            url = f"http://{host}:{bound[1]}/v1"
+
+            class Announcing(uvicorn.Server):
+                async def startup(self, sockets=None):
+                    await super().startup(sockets=sockets)
+                    if self.started:  # the app is up and the socket accepts requests
+                        print(f"fastvlm-mlx serving {model_path} on {url}", file=sys.stderr, flush=True)
+
+            server = Announcing(uvicorn.Config(service, log_level="warning"))
+            try:
+                server.run(sockets=[sock])
+            except KeyboardInterrupt:
+                pass
+            finally:  # the generation loop ends between steps, and lets follower ranks go
+                service.state.generation.stop()
+        finally:
+            if sock is not None:
+                sock.close()
         if service.state.generation.failure:
             raise FastVLMError(service.state.generation.failure)
 

@@ -106,8 +106,9 @@ class ChatSession:
         mx.eval([c.state for c in self.cache.kv])
         try:
             save_prompt_cache(str(path), self.cache.kv, {"fastvlm_mlx": json.dumps(meta)})
-        except OSError as e:
-            raise FastVLMError(f"{path}: could not write the conversation ({e.strerror or e})") from None
+        except (OSError, RuntimeError) as e:  # mlx raises RuntimeError for a file it cannot open
+            reason = getattr(e, "strerror", None) or e
+            raise FastVLMError(f"{path}: could not write the conversation ({reason})") from None
 
     def _portable(self, content):
         if isinstance(content, str):

@@ -173,7 +173,7 @@ def test_unknown_model_path(tmp_path):
 
 def test_offline_default_model_says_how_to_fix():
     proc = run_cli("fastvlm_mlx.generate", "--prompt", "hi", env={"HF_HUB_OFFLINE": "1", "HF_HOME": "/nonexistent-hf-home"})
-    assert_clean_error(proc, "apple/FastVLM-0.5B", "--model")
+    assert_clean_error(proc, "apple/FastVLM-0.5B", "local model directory")
 
 
 def test_model_dir_missing_files(fixture_copy):

@@ -1,0 +1,165 @@
+"""What the command lines share: one set of sampling flags, image arguments, one-line warnings.
+
+Every command (generate, chat, batch, server) takes the sampling flags from ``sampling_options``, so their
+names and defaults are the same everywhere, and the defaults are those of ``engine.Sampling``, which the
+Python API uses too.
+"""
+
+import contextlib
+import dataclasses
+import functools
+import inspect
+import os
+import sys
+import typing
+import warnings
+from typing import Optional
+
+from .errors import FastVLMError
+
+# name -> (flags, help); types and defaults come from engine.Sampling
+SAMPLING_FLAGS = {
+    "max_tokens": (("--max-tokens",), "Most tokens to generate per answer (fewer if the model's context ends first)."),
+    "temperature": (("--temperature", "--temp"), "Sampling temperature; 0 means greedy."),
+    "top_p": (("--top-p",), "Sample from the most likely tokens up to this total probability (1 keeps all)."),
+    "top_k": (("--top-k",), "Sample from the k most likely tokens only (0 keeps all)."),
+    "min_p": (("--min-p",), "Drop tokens less likely than min-p times the most likely one (0 keeps all)."),
+    "repetition_penalty": (("--repetition-penalty",), "Penalize tokens of the last 20 (e.g. 1.1; off by default)."),
+    "seed": (("--seed",), "Random seed, for the same samples on every run (temperature > 0)."),
+}
+MAX_IMAGE_DOWNLOAD = 64 << 20
+DOWNLOAD_TIMEOUT_S = 30.0
+
+
+def sampling_defaults() -> dict:
+    """The sampling fields every front-end exposes, with ``engine.Sampling``'s defaults."""
+    from .engine import Sampling
+
+    defaults = {f.name: f.default for f in dataclasses.fields(Sampling)}
+    return {name: defaults[name] for name in SAMPLING_FLAGS}
+
+
+def check_sampling(sampling: dict) -> dict:
+    """Refuse out-of-range sampling values with a message naming the flag; returns ``sampling``."""
+    from .engine import Sampling
+
+    limits = {
+        "temperature": (sampling["temperature"] >= 0, "at least 0"),
+        "top_p": (0 <= sampling["top_p"] <= 1, "between 0 and 1"),
+        "top_k": (sampling["top_k"] >= 0, "at least 0"),
+        "min_p": (0 <= sampling["min_p"] <= 1, "between 0 and 1"),
+        "repetition_penalty": (
+            sampling["repetition_penalty"] is None or sampling["repetition_penalty"] > 0,
+            "greater than 0",
+        ),
+        "max_tokens": (sampling["max_tokens"] >= 1, "at least 1"),
+    }
+    for name, (ok, bound) in limits.items():
+        if not ok:
+            raise FastVLMError(f"{SAMPLING_FLAGS[name][0][0]} must be {bound} (got {sampling[name]})")
+    Sampling(**sampling)
+    return sampling
+
+
+def sampling_options(command):
+    """Give a typer command the shared sampling flags; it receives them as one checked ``sampling`` dict."""
+    from .engine import Sampling
+
+    types = typing.get_type_hints(Sampling)
+    added = [
+        inspect.Parameter(
+            name,
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=types[name],
+            default=_option(default, *SAMPLING_FLAGS[name]),
+        )
+        for name, default in sampling_defaults().items()
+    ]
+    signature = inspect.signature(command)
+    own = [p for p in signature.parameters.values() if p.name != "sampling"]
+
+    @functools.wraps(command)
+    def with_sampling(*args, **kwargs):
+        sampling = {name: kwargs.pop(name) for name in SAMPLING_FLAGS}
+        return command(*args, sampling=check_sampling(sampling), **kwargs)
+
+    with_sampling.__signature__ = signature.replace(
+        parameters=[p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + added
+    )
+    with_sampling.__annotations__ = {**command.__annotations__, **{p.name: p.annotation for p in added}}
+    return with_sampling
+
+
+def _option(default, flags, help_text):
+    import typer
+
+    return typer.Option(default, *flags, help=help_text)
+
+
+# ---------------------------------------------------------------------------------------- images
+def image_argument(value: str):
+    """An image named on the command line, checked now (before the model loads): a path, with ``~``
+    expanded, is returned as a path; an http(s) URL is fetched and returned decoded."""
+    from .image import load_image
+
+    if value.startswith(("http://", "https://")):
+        data = fetch_image(value)
+        try:
+            return load_image(data)
+        except FastVLMError as e:
+            raise FastVLMError(f"{value}: {str(e).removeprefix('image bytes: ')}") from None
+    path = os.path.expanduser(value)
+    load_image(path)
+    return path
+
+
+def fetch_image(url: str) -> bytes:
+    """The bytes at an http(s) URL, with a timeout and a size cap."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, headers={"User-Agent": "fastvlm-mlx"})
+    try:
+        with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response:
+            data = response.read(MAX_IMAGE_DOWNLOAD + 1)
+    except urllib.error.HTTPError as e:
+        raise FastVLMError(f"{url}: fetching the image gave HTTP {e.code} ({e.reason})") from None
+    except (urllib.error.URLError, OSError, ValueError) as e:  # DNS, refused, timeout, malformed URL
+        raise FastVLMError(f"{url}: could not fetch the image ({getattr(e, 'reason', None) or e})") from None
+    if len(data) > MAX_IMAGE_DOWNLOAD:
+        raise FastVLMError(f"{url}: the image is over {MAX_IMAGE_DOWNLOAD >> 20} MB")
+    return data
+
+
+# -------------------------------------------------------------------------------------- warnings
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """``warning: ...`` without the file, line number and source line Python adds for developers."""
+    return f"warning: {' '.join(str(message).split())}\n"
+
+
+def use_one_line_warnings() -> None:
+    """Warnings of a command-line run print as one line each."""
+    warnings.formatwarning = one_line_warning
+
+
+@contextlib.contextmanager
+def warnings_above(bar):
+    """While a tqdm progress bar is drawn, print warnings above it instead of into it."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        bar.write(
+            warnings.formatwarning(message, category, filename, lineno, line).rstrip("\n"), file=file or sys.stderr
+        )
+
+    warnings.showwarning = show
+    try:
+        yield bar
+    finally:
+        warnings.showwarning = shown
+
+
+def report_interrupt(what: Optional[str] = None) -> int:
+    """A command stopped by Ctrl-C: one line, and the shell's status for SIGINT."""
+    print(f"interrupted{': ' + what if what else ''}", file=sys.stderr, flush=True)
+    return 130
