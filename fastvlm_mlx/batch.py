@@ -151,7 +151,10 @@ def caption(engine, items: List[dict], sampling: dict, batch_size: int, write) -
             for t in decoder.step():
                 item, admitted, text = running[t.uid]
                 text.append(t.text)
-                if t.finish_reason is not None:
+                if t.error is not None:  # its logits overflowed: an error record, retried by --retry-errors
+                    del running[t.uid]
+                    write({"id": item["id"], "image": item["image"], "prompt": item["prompt"], "error": t.error})
+                elif t.finish_reason is not None:
                     del running[t.uid]
                     write({"id": item["id"], "image": item["image"], "prompt": item["prompt"], "text": "".join(text),
                            "finish_reason": t.finish_reason, "prompt_tokens": admitted.prompt_tokens,
@@ -161,7 +164,7 @@ def caption(engine, items: List[dict], sampling: dict, batch_size: int, write) -
 
 
 def _caption_all(model_path, source, output, prompt, sampling, batch_size, loaded=None, cluster=None,
-                 retry_errors=False) -> int:
+                 retry_errors=False, dtype=None) -> int:
     """The whole run of one process, or of one data-parallel rank (``cluster``): list the inputs, skip
     those already answered, caption the rest, summarize; returns the exit status."""
     from tqdm import tqdm
@@ -182,7 +185,7 @@ def _caption_all(model_path, source, output, prompt, sampling, batch_size, loade
     counts = [0, 0, len(mine) - len(todo)]  # answered, failed, already done
     start = time.perf_counter()
     if todo:
-        model, processor = loaded or load(model_path)
+        model, processor = loaded or load(model_path, dtype=dtype)
         start = time.perf_counter()  # images/s is for captioning, not for loading the model
         target.parent.mkdir(parents=True, exist_ok=True)
         quiet = cluster is not None and not cluster.leader  # one progress bar: rank 0's share
@@ -274,7 +277,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     import typer
 
     from . import distributed
-    from .cli import report_interrupt, sampling_options, use_one_line_warnings
+    from .cli import dtype_option, report_interrupt, sampling_options, use_one_line_warnings
     from .errors import exit_on_user_error
     from .loader import DEFAULT_MODEL, load
 
@@ -287,6 +290,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     @sampling_options
     def run(
         model_path: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model directory or Hugging Face repo id."),
+        dtype: Optional[str] = dtype_option(),
         source: str = typer.Option(..., "--input", "-i", help="Directory, glob, text file of paths, or JSONL file."),
         output: Path = typer.Option(..., "--output", "-o", help="JSONL file the records are appended to."),
         prompt: str = typer.Option("Describe the image.", "--prompt", "-p", help="Prompt for inputs without their own."),
@@ -309,10 +313,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise FastVLMError(f"--batch-size must be at least 1 (got {batch_size})")
         if output.is_dir():
             raise FastVLMError(f"{output}: is a directory; --output names the JSONL file to write")
-        options = dict(retry_errors=retry_errors)
+        options = dict(retry_errors=retry_errors, dtype=dtype)
         cluster = distributed.start(parallel, connect_timeout, allowed=("data",) + distributed.MODEL_PARALLEL)
         if cluster is not None and cluster.splits_model:
-            model, processor = load(model_path, cluster=cluster)
+            model, processor = load(model_path, dtype=dtype, cluster=cluster)
             if not distributed.follow_or_lead(cluster, engine_for(model, processor)):
                 return  # a follower rank: rank 0 reads the inputs and writes the output
             with distributed.leading(cluster):

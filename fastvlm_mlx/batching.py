@@ -121,17 +121,11 @@ class BatchDecoder:
             self.model(mx.zeros((1, chunk.shape[0]), dtype=mx.int32), cache=kv, input_embeddings=chunk[None])
             mx.eval([c.state for c in kv])
         last = positions[-1]
-<<<<<<< HEAD
         processors = sampling.processors()
-        (uid,) = self.generator.insert(
-            [[last]], max_tokens=[sampling.max_tokens], caches=[kv], samplers=[sampling.sampler()],
-            logits_processors=[processors],
-=======
         budget = sampling.budget(len(positions), self.engine.processor.context_length)  # stop at the context
         (uid,) = self.generator.insert(
             [[last]], max_tokens=[budget], caches=[kv], samplers=[sampling.sampler()],
-            logits_processors=[sampling.processors()],
->>>>>>> h-front
+            logits_processors=[processors],
         )
         admitted = Admitted(uid, len(positions), cached, vision_ms, positions)
         self.running[uid] = _Sequence(admitted, self.tokenizer.detokenizer, processed=bool(processors))

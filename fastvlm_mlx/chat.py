@@ -51,7 +51,7 @@ class ChatREPL:
 
     def _command(self, line: str) -> bool:
         from .cli import image_argument
-        from .session import ChatSession
+        from .session import ChatSession, conversation_file
 
         name, _, arg = line.partition(" ")
         arg = arg.strip()
@@ -103,17 +103,10 @@ class ChatREPL:
             print(_stats_line(last), file=self.err, flush=True)
 
 
-def conversation_file(name: str) -> Path:
-    """Where ``/save NAME`` writes and ``/load NAME`` reads: ``~`` expanded, ``.safetensors`` added when
-    missing (the format's extension, which the writer would add anyway)."""
-    path = Path(name).expanduser()
-    return path if path.suffix == ".safetensors" else path.with_name(path.name + ".safetensors")
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     import typer
 
-    from .cli import image_argument, sampling_options, use_one_line_warnings
+    from .cli import dtype_option, image_argument, sampling_options, use_one_line_warnings
     from .errors import exit_on_user_error
     from .loader import DEFAULT_MODEL, load
 
@@ -125,6 +118,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     @sampling_options
     def run(
         model_path: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model directory or Hugging Face repo id."),
+        dtype: Optional[str] = dtype_option(),
         image: Optional[List[str]] = typer.Option(None, "--image", "-i", help="Image(s) for the first message."),
         system: str = typer.Option(DEFAULT_SYSTEM, "--system", help="System prompt ('' for none)."),
         image_cache_mb: int = typer.Option(256, "--image-cache-mb", help="Image-feature cache size (0 disables)."),
@@ -139,7 +133,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         images = [image_argument(i) for i in image or []]  # a bad image fails before the model loads, as in generate
         cluster = distributed.start(parallel, connect_timeout)
-        model, processor = load(model_path, cluster=cluster)
+        model, processor = load(model_path, dtype=dtype, cluster=cluster)
         engine = engine_for(model, processor, image_cache_bytes=image_cache_mb << 20)
         if not distributed.follow_or_lead(cluster, engine):
             return  # a follower rank: rank 0 reads the input and prints

@@ -27,6 +27,8 @@ SAMPLING_FLAGS = {
     "repetition_penalty": (("--repetition-penalty",), "Penalize tokens of the last 20 (e.g. 1.1; off by default)."),
     "seed": (("--seed",), "Random seed, for the same samples on every run (temperature > 0)."),
 }
+DTYPE_HELP = ("float32, float16 or bfloat16: what the model computes in (default: the checkpoint's own dtype on a "
+              "GPU, float32 on the CPU).")
 MAX_IMAGE_DOWNLOAD = 64 << 20
 DOWNLOAD_TIMEOUT_S = 30.0
 
@@ -88,6 +90,13 @@ def sampling_options(command):
     )
     with_sampling.__annotations__ = {**command.__annotations__, **{p.name: p.annotation for p in added}}
     return with_sampling
+
+
+def dtype_option():
+    """``--dtype``, the same in every command that loads a model."""
+    import typer
+
+    return typer.Option(None, "--dtype", help=DTYPE_HELP)
 
 
 def _option(default, flags, help_text):

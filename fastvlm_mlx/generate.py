@@ -1,6 +1,7 @@
 """``python -m fastvlm_mlx.generate``: ask FastVLM about one or more images, streaming the answer to stdout."""
 
 import sys
+import types
 from typing import List, Optional
 
 from . import distributed
@@ -21,7 +22,7 @@ def _stats_line(r: GenerationResponse) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     import typer
 
-    from .cli import image_argument, sampling_options, use_one_line_warnings
+    from .cli import dtype_option, image_argument, sampling_options, use_one_line_warnings
     from .loader import DEFAULT_MODEL, load
 
     use_one_line_warnings()
@@ -37,6 +38,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             help="Image file or http(s) URL; repeat for several images, omit for a text-only prompt.",
         ),
         model_path: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model directory or Hugging Face repo id."),
+        dtype: Optional[str] = dtype_option(),
         system: str = typer.Option(DEFAULT_SYSTEM, "--system", help="System prompt ('' for none)."),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="Print timing and memory to stderr."),
         vision_backend: str = typer.Option(
@@ -49,7 +51,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ):
         images = [image_argument(i) for i in image or []]  # a bad image fails before the model loads
         cluster = distributed.start(parallel, connect_timeout)
-        model, processor = load(model_path, vision_backend=vision_backend, cluster=cluster)
+        model, processor = load(model_path, dtype=dtype, vision_backend=vision_backend, cluster=cluster)
         if not distributed.follow_or_lead(cluster, engine_for(model, processor)):
             return  # a follower rank: rank 0 prints
         with distributed.leading(cluster):
@@ -76,6 +78,19 @@ def _answer(model, processor, prompt, image, system, verbose, sampling) -> None:
     if verbose and last is not None:
         print(_stats_line(last), file=sys.stderr)
 
+
+class _CommandAndFunction(types.ModuleType):
+    """``fastvlm_mlx.generate`` names both the API function and this command's module, and importing the module
+    (as the ``fastvlm-generate`` script does) rebinds the package's attribute to it: calling the module calls
+    the function, so ``from fastvlm_mlx import generate`` works either way."""
+
+    def __call__(self, *args, **kwargs):
+        from .engine import generate
+
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CommandAndFunction
 
 if __name__ == "__main__":
     sys.exit(main())

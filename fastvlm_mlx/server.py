@@ -686,7 +686,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     import typer
 
     from . import distributed
-    from .cli import sampling_options, use_one_line_warnings
+    from .cli import dtype_option, sampling_options, use_one_line_warnings
     from .engine import engine_for
     from .errors import exit_on_user_error
     from .loader import DEFAULT_MODEL, load
@@ -700,6 +700,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     @sampling_options
     def run(
         model_path: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model directory or Hugging Face repo id."),
+        dtype: Optional[str] = dtype_option(),
         host: str = typer.Option("127.0.0.1", "--host"),
         port: int = typer.Option(8080, "--port", help="Port to listen on (0: any free port, printed at start)."),
         api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY'."),
@@ -735,7 +736,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         cluster = distributed.start(parallel, connect_timeout)
         sock = listen(host, port) if cluster is None or cluster.leader else None  # before the slow model load
         try:
-            model, processor = load(model_path, cluster=cluster)
+            model, processor = load(model_path, dtype=dtype, cluster=cluster)
             if not distributed.follow_or_lead(cluster, engine_for(model, processor, cfg.image_cache_bytes)):
                 return  # a follower rank: rank 0 serves
             service = create_app(model, processor, cfg, model_path)

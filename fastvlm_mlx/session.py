@@ -31,6 +31,13 @@ from .processor import DEFAULT_SYSTEM, FastVLMProcessor, one_turn
 SAVE_FORMAT = "fastvlm_mlx.chat/1"
 
 
+def conversation_file(name: Union[str, Path]) -> Path:
+    """Where ``save(name)`` writes and ``load(name)`` reads: ``~`` expanded, ``.safetensors`` added when
+    missing (the format's extension, which MLX's writer adds anyway)."""
+    path = Path(name).expanduser()
+    return path if path.suffix == ".safetensors" else path.with_name(path.name + ".safetensors")
+
+
 def model_fingerprint(model: FastVLM) -> str:
     """Which model a KV cache belongs to: the decoder's shapes and dtype and a few of its weights."""
     lm = model.language_model.model
@@ -94,6 +101,7 @@ class ChatSession:
 
         Images given as paths are stored as paths (read again on the next turn); other images as PNGs
         of their preprocessed pixels, which preprocess to the very same pixels."""
+        path = conversation_file(path)
         _refuse_when_split(self.engine)
         history = [dict(m, content=self._portable(m["content"])) for m in self.messages]
         meta = {
@@ -132,7 +140,8 @@ class ChatSession:
     def load(cls, path: Union[str, Path], model: FastVLM, processor: FastVLMProcessor) -> "ChatSession":
         """Resume a conversation written by ``save``; refuses a file made with another model."""
         _refuse_when_split(engine_for(model, processor))
-        if not Path(path).is_file():
+        path = Path(path).expanduser() if Path(path).expanduser().is_file() else conversation_file(path)
+        if not path.is_file():
             raise FastVLMError(f"{path}: no such file")
         try:
             kv, metadata = load_prompt_cache(str(path), return_metadata=True)

@@ -191,3 +191,16 @@ def test_model_dir_missing_files(fixture_copy):
 def test_bad_option_value():
     proc = cli("--prompt", "hi", "--max-tokens", "many")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and "max-tokens" in proc.stderr
+
+
+def test_the_api_function_survives_an_import_of_the_command_module():
+    """``import fastvlm_mlx.generate`` (the console script does it) rebinds the package's ``generate``."""
+    import importlib
+
+    import fastvlm_mlx
+    from fastvlm_mlx.engine import generate as engine_generate
+
+    importlib.import_module("fastvlm_mlx.generate")
+    model, processor = load(MODEL)
+    answer = fastvlm_mlx.generate(model, processor, "Describe.", image=str(PHOTO), max_tokens=4)
+    assert answer == engine_generate(model, processor, "Describe.", image=str(PHOTO), max_tokens=4)
