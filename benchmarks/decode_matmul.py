@@ -80,7 +80,6 @@ def main():
 
     import fastvlm_mlx  # noqa: F401 - before mlx.core, so that MLX binds to the optimized BLAS
     import mlx.core as mx
-    import numpy as np
 
     from fastvlm_mlx.cpu import skinny
 

@@ -235,7 +235,7 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="the tiny fixture checkpoint (ours only)")
     p.add_argument("--memory", type=int, default=0, metavar="N",
                    help="instead: N requests with new images to our server, its memory after each")
-    p.add_argument("--warmup", type=int, default=10, help="with --memory: requests counted as warm-up")
+    p.add_argument("--warmup", type=int, default=25, help="with --memory: requests counted as warm-up")
     p.add_argument("--cache-mb", default="8,64", help="with --memory: the server's image-feature and prompt cache "
                    "bounds in MiB (small, so that they fill during warm-up)")
     a = p.parse_args(argv)

@@ -10,7 +10,6 @@ conversation goes on.
 """
 
 import sys
-from pathlib import Path
 from typing import Callable, List, Optional
 
 from . import distributed

@@ -120,8 +120,16 @@ def uses_cpu_layer(dtype: mx.Dtype) -> bool:
 
 def specialize(model: FastVLM) -> FastVLM:
     """The one seam for backend speed paths, applied once per loaded model: on the CPU in float32 the
-    modules become their CPU variants (same weights); anywhere else the model stays as it is."""
-    if uses_cpu_layer(model.language_model.model.norm.weight.dtype):
+    modules become their CPU variants (same weights); anywhere else the model stays as it is.  A float32 model
+    on a Linux CPU whose MLX computes with a reference BLAS gets one warning saying how to fix that."""
+    from . import _linux_cpu_build
+
+    dtype = model.language_model.model.norm.weight.dtype
+    if mx.default_device() == mx.cpu and dtype == mx.float32 and _linux_cpu_build():
+        from .cpu.blas import warn_if_slow_blas
+
+        warn_if_slow_blas()
+    if uses_cpu_layer(dtype):
         from .cpu import install
 
         install(model)

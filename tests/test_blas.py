@@ -16,6 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from conftest import FIXTURES, run_cli
 from precision import requires_linux_cpu_build
 
 pytestmark = requires_linux_cpu_build  # the BLAS preload is for MLX's Linux CPU build only
@@ -285,3 +286,13 @@ def test_bound_library_agrees_with_the_dynamic_loader(tmp_path, preload):
     assert all(os.path.realpath(t) == bound for t in targets), (bound, targets)
     if preload:
         assert same_library(library, bound)
+
+
+def test_a_blas_path_that_cannot_load_is_one_warning_line_at_load():
+    """Said at model load, where a command has made warnings one line, not at import as Python's two-line form."""
+    proc = run_cli("fastvlm_mlx.generate", "-m", str(FIXTURES / "format_a"), "-p", "Hi.", "--max-tokens", "2",
+                   "--dtype", "float32", env={"FASTVLM_MLX_BLAS": "/nonexistent/libblas-missing.so"})
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("warning: "), proc.stderr
+    assert "FASTVLM_MLX_BLAS=/nonexistent/libblas-missing.so could not be loaded" in lines[0]

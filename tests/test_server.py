@@ -2,7 +2,6 @@
 (and raw httpx for malformed requests).  Every server a test starts is stopped by it."""
 
 import base64
-import io
 import json
 import os
 import socket

@@ -57,12 +57,10 @@ def prepare_process():
 def install(model) -> None:
     """Turn a loaded FastVLM's modules into their CPU variants (same weights, same outputs)."""
     from ..vision import FastViTHD
-    from .blas import warn_if_slow_blas
     from .decoder import install as install_decoder
     from .native import library
     from .vision import CpuFastViTHD, CpuProjector
 
-    warn_if_slow_blas()
     try:
         library()  # a first run compiles the C kernels here, at load, not in the first image's vision time
     except Exception:  # noqa: BLE001 - each kernel falls back to MLX's ops (skinny.kernel warns once)

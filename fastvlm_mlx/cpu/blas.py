@@ -34,6 +34,8 @@ imported_too_late = False
 
 # Whether that warning was given (once per process).
 _warned = False
+# The FASTVLM_MLX_BLAS path that could not be loaded, if any (part of that warning).
+unloadable = None
 
 # Values of an on/off environment variable (this one and FASTVLM_MLX_MALLOC) that mean off.
 OFF_VALUES = {"0", "off", "none", "false", "no"}
@@ -226,7 +228,7 @@ def load_fast_blas():
     preloaded one) or that the global scope holds already is used as it is; otherwise the first installed one
     is loaded, which helps only before mlx.core is imported.  Calling it again returns the first call's result.
     """
-    global loaded, _done, imported_too_late
+    global loaded, _done, imported_too_late, unloadable
     if _done:
         return loaded
     _done = True
@@ -244,8 +246,8 @@ def load_fast_blas():
         if os.sep in choice or choice.startswith("lib"):
             if _try_load(choice):
                 loaded = choice
-            else:
-                warnings.warn(f"{ENV_VAR}={choice}: could not load it as a BLAS library; using MLX's own BLAS")
+            else:  # said at model load, in the one warning (a command line has made warnings one line by then)
+                unloadable = choice
             return loaded
         present = global_library()
         if present and not is_reference(present):
@@ -316,7 +318,9 @@ def slow_blas_message():
     if bound is None or not is_reference(bound):
         return None
     fixes = []
-    if switched_off(ENV_VAR):
+    if unloadable:
+        fixes.append(f"{ENV_VAR}={unloadable} could not be loaded as a BLAS library")
+    elif switched_off(ENV_VAR):
         fixes.append(f"unset {ENV_VAR}")
     elif imported_too_late:
         fixes.append("import fastvlm_mlx first, before anything imports mlx.core")
