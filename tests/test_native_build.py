@@ -17,6 +17,7 @@ import time
 
 import pytest
 from conftest import FIXTURES
+from precision import requires_c_kernels
 
 from fastvlm_mlx.cpu import native
 
@@ -184,6 +185,7 @@ def test_a_build_killed_midway_leaves_nothing_behind(fake_cc, monkeypatch, tmp_p
     assert not partial.exists() and not gone.exists() and running.exists()
 
 
+@requires_c_kernels
 def test_load_builds_the_kernels_so_that_vision_time_excludes_the_compile(monkeypatch, tmp_path, capfd):
     """A real compile, with $CC holding a flag: it happens in ``load`` (at ``cpu.install``), once, with one line
     on stderr, and the first generation compiles nothing, even with the few-row kernel switched off (which used
