@@ -114,10 +114,9 @@ def _decode_ahead(items: List[dict], out: "queue.Queue", stop: threading.Event) 
 
 def caption(engine, items: List[dict], sampling: dict, batch_size: int, write) -> None:
     """Answer every item with batched decoding; ``write(record)`` is called as each one finishes."""
-    from .batching import BatchDecoder
     from .engine import Sampling
 
-    decoder = BatchDecoder(engine, max_batch=batch_size)
+    decoder = engine.decoder(max_batch=batch_size)
     decoded: "queue.Queue" = queue.Queue(maxsize=4 * batch_size)
     stop = threading.Event()
     reader = threading.Thread(target=_decode_ahead, args=(items, decoded, stop), daemon=True)

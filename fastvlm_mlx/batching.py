@@ -16,15 +16,12 @@ from typing import Dict, Hashable, List, Optional, Sequence
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
-from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
-from .engine import Engine, Prompt, Sampling, check_finite
+from .engine import PREFILL_STEP, Engine, Prompt, Sampling, SharedPromptCache, check_finite
 from .errors import NonFiniteLogitsError
-from .lm_internals import generation_stream, wired_limit
 from .mlx_thread import runs_on_mlx_thread
 
 DEFAULT_PROMPT_CACHE_BYTES = 1 << 30
-CACHE_KEY = "fastvlm"  # LRUPromptCache keys entries by model; one decoder serves one model
 
 
 @dataclass
@@ -67,22 +64,18 @@ class BatchDecoder:
 
     @runs_on_mlx_thread
     def __init__(self, engine: Engine, max_batch: int = 8, prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
-                 prefill_step: int = 2048):
+                 prefill_step: int = PREFILL_STEP):
         self.engine = engine
         self.model = engine.model
         self.tokenizer = engine.processor.tokenizer
-        self.cluster = engine.cluster
-        if self.cluster is not None:  # followers build the same decoder
-            self.cluster.announce("decoder", max_batch=max_batch, prompt_cache_bytes=prompt_cache_bytes,
-                                  prefill_step=prefill_step)
-            # a pipeline stage holds some of the layers: scale the budget so every rank evicts the same entries
-            prompt_cache_bytes = prompt_cache_bytes * len(self.model.language_model.layers) // \
-                self.model.config.text_args().num_hidden_layers
+        # a pipeline stage holds some of the layers: its budget scales, so every rank evicts the same entries
+        prompt_cache_bytes = prompt_cache_bytes * len(self.model.language_model.layers) // \
+            self.model.config.text_args().num_hidden_layers
         eos = sorted(self.tokenizer.eos_token_ids)
         self.generator = BatchGenerator(
             self.model, stop_tokens=[[t] for t in eos], completion_batch_size=max_batch, prefill_batch_size=max_batch
         )
-        self.prompt_cache = LRUPromptCache(max_size=1 << 20, max_bytes=prompt_cache_bytes)
+        self.prompt_cache = SharedPromptCache(self.model, prompt_cache_bytes)
         self.prefill_step = prefill_step
         self.running: Dict[int, _Sequence] = {}
 
@@ -92,42 +85,25 @@ class BatchDecoder:
     @runs_on_mlx_thread
     def admit(self, requests: Sequence[tuple]) -> List[Admitted]:
         """Prefill ``(Prompt, Sampling)`` pairs and add them to the batch; returns one Admitted each."""
-        if self.cluster is not None:
-            self.cluster.announce("admit", requests=[(p.shareable(), s.shareable()) for p, s in requests])
         start = time.perf_counter()
         pixels, digests = [], []
         for prompt, _ in requests:
             pixels += prompt.pixels
             digests += prompt.digests
-        encoded = dict(zip(digests, self.engine.encode_images(pixels, digests))) if digests else {}
+        encoded = dict(zip(digests, self.engine.image_source(pixels, digests))) if digests else {}
         vision_ms = (time.perf_counter() - start) * 1e3
-        with wired_limit(self.model, [generation_stream]):
-            admitted = [self._admit_one(prompt, sampling, encoded, vision_ms) for prompt, sampling in requests]
-        mx.clear_cache()  # the prefill's activations are transient
-        return admitted
+        return [self._admit_one(prompt, sampling, encoded, vision_ms) for prompt, sampling in requests]
 
     def _admit_one(self, prompt: Prompt, sampling: Sampling, encoded: dict, vision_ms: float) -> Admitted:
-        positions = prompt.positions()
-        kv, rest = self.prompt_cache.fetch_nearest_cache(CACHE_KEY, positions)
-        if kv is None:
-            kv, rest = make_prompt_cache(self.model), positions
-        if not rest:  # the whole prompt was cached: recompute its last position for the first logits
-            trim_prompt_cache(kv, 1)
-            rest = positions[-1:]
-        cached = len(positions) - len(rest)
-        embeddings = self.engine.embed(prompt, cached, encoded)
-        for i in range(0, len(rest) - 1, self.prefill_step):  # all but the last position, which the generator takes
-            chunk = embeddings[i : min(i + self.prefill_step, len(rest) - 1)]
-            self.model(mx.zeros((1, chunk.shape[0]), dtype=mx.int32), cache=kv, input_embeddings=chunk[None])
-            mx.eval([c.state for c in kv])
-        last = positions[-1]
+        begun = self.engine.begin(prompt, self.prompt_cache, encoded, self.prefill_step)
+        positions = begun.positions
         processors = sampling.processors()
         budget = sampling.budget(len(positions), self.engine.processor.context_length)  # stop at the context
         (uid,) = self.generator.insert(
-            [[last]], max_tokens=[budget], caches=[kv], samplers=[sampling.sampler()],
+            [[begun.last_id]], max_tokens=[budget], caches=[begun.kv], samplers=[sampling.sampler()],
             logits_processors=[processors],
         )
-        admitted = Admitted(uid, len(positions), cached, vision_ms, positions)
+        admitted = Admitted(uid, len(positions), begun.cached, vision_ms, positions)
         self.running[uid] = _Sequence(admitted, self.tokenizer.detokenizer, processed=bool(processors))
         return admitted
 
@@ -135,11 +111,7 @@ class BatchDecoder:
     def step(self) -> List[Token]:
         """One decode step of every running sequence (the first token of a new one included)."""
         if not self.running:
-            if self.cluster is not None:
-                self.cluster.announce("idle")
             return []
-        if self.cluster is not None:
-            self.cluster.announce("step")
         out = []
         for r in self.generator.next_generated():
             seq = self.running.get(r.uid)
@@ -170,20 +142,13 @@ class BatchDecoder:
     def cancel(self, uid: int) -> None:
         """Drop a sequence from the batch now (a client went away, or a stop string matched)."""
         if uid in self.running:
-            if self.cluster is not None:
-                self.cluster.announce("cancel", uid=uid)
             caches = self.generator.remove([uid], return_prompt_caches=True)
             self._finish(uid, caches.get(uid, (None,))[0])
 
     def _finish(self, uid: int, kv) -> None:
         seq = self.running.pop(uid)
-        key = seq.admitted.positions + seq.fed
-        if kv and can_trim_prompt_cache(kv):
-            extra = kv[0].offset - len(key)
-            if extra > 0:
-                trim_prompt_cache(kv, extra)
-            if kv[0].offset == len(key):
-                self.prompt_cache.insert_cache(CACHE_KEY, key, kv)
+        if kv:
+            self.prompt_cache.store(seq.admitted.positions + seq.fed, kv)
         if not self.running:
             mx.clear_cache()  # idle: freed buffers go back to the system
 

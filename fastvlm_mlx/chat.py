@@ -137,7 +137,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not distributed.follow_or_lead(cluster, engine):
             return  # a follower rank: rank 0 reads the input and prints
         with distributed.leading(cluster):
-            repl = ChatREPL(ChatSession(model, processor, system=system or None, engine=engine), sampling, verbose)
+            # the model's shared engine: on the leader of a split model, the Replica that follow_or_lead set
+            repl = ChatREPL(ChatSession(model, processor, system=system or None), sampling, verbose)
             repl.images = images
             _converse(repl)
 

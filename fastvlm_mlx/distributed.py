@@ -23,12 +23,13 @@ import subprocess
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Dict, List, Optional
 
 import mlx.core as mx
 import numpy as np
 
 from .errors import FastVLMError, lost_peer
+from .mlx_thread import runs_on_mlx_thread
 
 MODEL_PARALLEL = ("tensor", "pipeline")
 PARALLEL_HELP = ("Under mlx.launch (several ranks): split the decoder over the ranks, 'tensor' "
@@ -150,6 +151,7 @@ class Cluster:
         mx.eval(out)
         return out
 
+    @runs_on_mlx_thread  # every collective on the thread that runs the model's, one at a time
     def share(self, obj=None):
         """The leader's ``obj`` (anything JSON can hold) on every rank."""
         self._settle()
@@ -158,6 +160,7 @@ class Cluster:
         payload = self._sum(mx.array(data) if self.leader else mx.zeros((n,), dtype=mx.uint8))
         return obj if self.leader else json.loads(bytes(np.array(payload)))
 
+    @runs_on_mlx_thread
     def share_images(self, embeds: Optional[mx.array], shape: tuple, dtype: mx.Dtype) -> mx.array:
         """The leader's image embeddings on the ranks that need them; zeros of the same shape elsewhere
         (pipeline stages after the first only take the shape)."""
@@ -174,11 +177,13 @@ class Cluster:
             return out
         return embeds if self.leader else mx.zeros(shape, dtype=dtype)
 
+    @runs_on_mlx_thread
     def sum_counts(self, counts: list) -> list:
         """Element-wise sums of small integer counts over the ranks."""
         self._settle()
         return [int(v) for v in self._sum(mx.array(counts, dtype=mx.int64)).tolist()]
 
+    @runs_on_mlx_thread
     def gather_bytes(self, data: bytes, chunk: int = 64 << 20) -> list:
         """Every rank's ``data`` on the leader (a list in rank order; the others get []), in rounds of
         at most ``chunk`` bytes a rank so that large files never travel whole."""
@@ -201,6 +206,7 @@ class Cluster:
             offset += piece.size
         return [bytes(p) for p in parts] if self.leader else []
 
+    @runs_on_mlx_thread
     def barrier(self) -> None:
         self._settle()
         self._sum(mx.zeros((1,)))
@@ -229,45 +235,176 @@ def start(mode: str, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, allowed=M
     return Cluster(group, mode)
 
 
-class Follower:
-    """A rank other than the leader in model-parallel mode: takes every step the leader announces on its
-    part of the decoder, until the leader closes."""
+# ------------------------------------------------------------------ replicating calls over the ranks
+# A model split over ranks runs the same engine code on every rank in lockstep.  The leader's front-ends call
+# a ``Replica`` of the engine (and the ``ReplicatedDecoder`` it makes), which broadcast each call before making
+# it; the followers receive each call and dispatch it from ``OPERATIONS``.  The engine and the batched decoder
+# know nothing of ranks: what differs between ranks is only where image embeddings come from (the leader
+# encodes and shares them; see ``image_sharing``).
 
-    def __init__(self, engine):
-        self.engine = engine
-        self.cluster: Cluster = engine.cluster
-        self.caches = {}
+OPERATIONS: Dict[str, Callable] = {}
+
+
+def operation(name: str):
+    """Register how a follower replays the leader's call ``name`` (a function of the follower and the fields)."""
+
+    def register(replay: Callable) -> Callable:
+        OPERATIONS[name] = replay
+        return replay
+
+    return register
+
+
+def image_sharing(engine, cluster: Cluster) -> Callable:
+    """Where the engine's ``embed`` takes image embeddings from on a rank of a split model: the leader encodes
+    them (with its image-feature cache) and sends them to the ranks whose layers take them."""
+    encode_here = engine.encode_images
+
+    def share(pixels, digests) -> List[mx.array]:
+        if not digests:
+            return []
+        shape = (len(digests), engine.model.config.num_image_tokens, engine.model.config.text_args().hidden_size)
+        mine = mx.stack(encode_here(pixels, digests)).astype(engine.dtype) if cluster.leader else None
+        return list(cluster.share_images(mine, shape, engine.dtype))
+
+    return share
+
+
+class Replica:
+    """The leader's engine for a model split over ranks: the engine's interface, each call first broadcast."""
+
+    def __init__(self, engine, cluster: Cluster):
+        self.engine, self.cluster = engine, cluster
+        engine.image_source = image_sharing(engine, cluster)
+
+    def __getattr__(self, name):  # prepare, embed, image_cache, model, processor, dtype: the engine's own
+        return getattr(self.engine, name)
+
+    def stream(self, prompt, sampling, cache=None, **generate_kwargs):
+        """The engine's stream on every rank.  After each token but the last the leader says whether its caller
+        wants the next one, so that all ranks stop together."""
+        sampling = sampling.seeded()  # ranks drawing from different keys would part ways
+        self._announce_unprocessed(sampling)
+        self.cluster.announce("stream", prompt=prompt.shareable(), sampling=sampling.fields(),
+                              cache=None if cache is None else cache.key, **generate_kwargs)
+        tokens = self.engine.stream(prompt, sampling, cache, **generate_kwargs)
+        try:
+            for r in tokens:
+                try:
+                    yield r
+                except GeneratorExit:  # the caller stopped early: so do the followers
+                    if r.finish_reason is None:
+                        self.cluster.share(False)
+                    raise
+                if r.finish_reason is None:
+                    self.cluster.share(True)
+        finally:
+            tokens.close()
+
+    def forget(self, cache) -> None:
+        self.cluster.announce("forget", cache=cache.key)
+
+    def decoder(self, **options) -> "ReplicatedDecoder":
+        self.cluster.announce("decoder", **options)
+        return ReplicatedDecoder(self.engine.decoder(**options), self.cluster)
+
+    @staticmethod
+    def _announce_unprocessed(sampling) -> None:
+        if sampling.logits_processors:
+            raise FastVLMError("custom logits processors cannot be used with a decoder split over several ranks")
+
+
+class ReplicatedDecoder:
+    """The leader's batched decoder for a split model: admit, step and cancel are broadcast first."""
+
+    def __init__(self, decoder, cluster: Cluster):
+        self.decoder, self.cluster = decoder, cluster
+
+    def __getattr__(self, name):  # running, cache_bytes, model, engine: the decoder's own
+        return getattr(self.decoder, name)
+
+    def __len__(self) -> int:
+        return len(self.decoder)
+
+    def admit(self, requests):
+        seeded = [(prompt, sampling.seeded()) for prompt, sampling in requests]
+        for _, sampling in seeded:
+            Replica._announce_unprocessed(sampling)
+        self.cluster.announce("admit", requests=[(p.shareable(), s.fields()) for p, s in seeded])
+        return self.decoder.admit(seeded)
+
+    def step(self):
+        self.cluster.announce("step" if len(self.decoder) else "idle")
+        return self.decoder.step()
+
+    def cancel(self, uid: int) -> None:
+        if uid in self.decoder.running:
+            self.cluster.announce("cancel", uid=uid)
+        self.decoder.cancel(uid)
+
+
+class Follower:
+    """A rank other than the leader of a split model: replays every call the leader broadcasts on its part of
+    the decoder, until the leader closes."""
+
+    def __init__(self, engine, cluster: Cluster):
+        self.engine, self.cluster = engine, cluster
+        engine.image_source = image_sharing(engine, cluster)
+        self.caches = {}  # the leader's conversation caches, by key
         self.decoder = None
 
     def run(self) -> None:
-        from .batching import BatchDecoder
-        from .engine import Prompt, PromptCache, Sampling
-
         while True:
-            op = self.cluster.share()
-            kind = op.pop("op")
-            if kind == "exit":
+            fields = self.cluster.share()
+            name = fields.pop("op")
+            if name == "exit":
                 return
-            if kind == "idle":
-                time.sleep(IDLE_NAP)
-            elif kind == "stream":
-                key = op.pop("cache")
-                cache = None if key is None else self.caches.setdefault(key, PromptCache(self.engine.model))
-                prompt, sampling = Prompt.from_shareable(op.pop("prompt")), Sampling(**op.pop("sampling"))
-                for _ in self.engine.stream(prompt, sampling, cache, **op):
-                    pass
-            elif kind == "forget":
-                self.caches.pop(op["cache"], None)
-            elif kind == "decoder":
-                self.decoder = BatchDecoder(self.engine, **op)
-            elif kind == "admit":
-                self.decoder.admit([(Prompt.from_shareable(p), Sampling(**s)) for p, s in op["requests"]])
-            elif kind == "cancel":
-                self.decoder.cancel(op["uid"])
-            elif kind == "step":
-                self.decoder.step()
-            else:
-                raise FastVLMError(f"rank {self.cluster.rank}: unknown step {kind!r} from the leader")
+            replay = OPERATIONS.get(name)
+            if replay is None:
+                raise FastVLMError(f"rank {self.cluster.rank}: unknown step {name!r} from the leader")
+            replay(self, **fields)
+
+
+@operation("stream")
+def _replay_stream(follower: Follower, prompt, sampling, cache, **generate_kwargs) -> None:
+    from .engine import Prompt, PromptCache, Sampling
+
+    kv = None if cache is None else follower.caches.setdefault(cache, PromptCache(follower.engine.model))
+    for r in follower.engine.stream(Prompt.from_shareable(prompt), Sampling(**sampling), kv, **generate_kwargs):
+        if r.finish_reason is None and not follower.cluster.share():
+            break
+
+
+@operation("forget")
+def _replay_forget(follower: Follower, cache) -> None:
+    follower.caches.pop(cache, None)
+
+
+@operation("decoder")
+def _replay_decoder(follower: Follower, **options) -> None:
+    follower.decoder = follower.engine.decoder(**options)
+
+
+@operation("admit")
+def _replay_admit(follower: Follower, requests) -> None:
+    from .engine import Prompt, Sampling
+
+    follower.decoder.admit([(Prompt.from_shareable(p), Sampling(**s)) for p, s in requests])
+
+
+@operation("step")
+def _replay_step(follower: Follower) -> None:
+    follower.decoder.step()
+
+
+@operation("idle")
+def _replay_idle(follower: Follower) -> None:
+    time.sleep(IDLE_NAP)
+
+
+@operation("cancel")
+def _replay_cancel(follower: Follower, uid) -> None:
+    follower.decoder.cancel(uid)
 
 
 @contextmanager
@@ -287,9 +424,16 @@ def leading(cluster: Optional[Cluster]):
 
 
 def follow_or_lead(cluster: Optional[Cluster], engine) -> bool:
-    """On a follower rank, take the leader's steps until it closes and return False; True on the leader
-    (or a single process), which goes on to do the work inside ``leading(cluster)``."""
-    if cluster is not None and not cluster.leader:
-        Follower(engine).run()
+    """On a follower rank, replay the leader's calls until it closes and return False; True on the leader
+    (or a single process), which goes on to do the work inside ``leading(cluster)``.  On the leader of a split
+    model, the model's shared engine (``engine_for``) becomes a ``Replica``, so the API's one-call functions
+    (``generate``, ``stream_generate``, ``ChatSession``) run on every rank."""
+    if cluster is None or not cluster.splits_model:
+        return True
+    if not cluster.leader:
+        Follower(engine, cluster).run()
         return False
+    from .engine import share_engine
+
+    share_engine(Replica(engine, cluster))
     return True

@@ -9,28 +9,31 @@ Every front-end (``generate``/``stream_generate`` below, ``ChatSession``, the CL
 ``Engine.stream``; the token loop, samplers, KV cache and streaming detokenizer are mlx-lm's.
 """
 
+import dataclasses
 import hashlib
 import itertools
 import time
 import warnings
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Hashable, Iterator, List, Optional, Sequence
+from typing import Callable, Hashable, Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import GenerationResponse as LMResponse
-from .lm_internals import generation_stream, wired_limit
 from mlx_lm.generate import stream_generate as lm_stream_generate
-from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
 
 from .errors import FastVLMError, NonFiniteLogitsError
+from .lm_internals import generation_stream, wired_limit
 from .mlx_thread import runs_on_mlx_thread, streams_on_mlx_thread
 from .model import IMAGE_PLACEHOLDER, FastVLM
 from .processor import DEFAULT_SYSTEM, FastVLMProcessor, one_turn
 
 DEFAULT_IMAGE_CACHE_BYTES = 256 << 20  # ~280 images of the 0.5B model in float32, ~75 of the 7B in float16
+PREFILL_STEP = 2048  # positions per prefill call, mlx-lm's default
+SHARED_ENGINE = "_fastvlm_engine"  # where engine_for keeps a model's engine
 
 
 @dataclass
@@ -86,13 +89,14 @@ class Sampling:
 
         return sample
 
-    def shareable(self) -> dict:
-        """The fields another rank needs to draw the same tokens (model-parallel decoding); a request
-        without a seed gets one here, since ranks drawing from different keys would part ways."""
-        if self.logits_processors:
-            raise FastVLMError("custom logits processors cannot be used with a decoder split over several ranks")
-        if self.seed is None:
-            self.seed = time.time_ns() % (1 << 63)
+    def seeded(self) -> "Sampling":
+        """A copy with a seed drawn now where it had none, so that another process can draw the same tokens."""
+        if self.seed is not None:
+            return self
+        return dataclasses.replace(self, seed=time.time_ns() % (1 << 63))
+
+    def fields(self) -> dict:
+        """The plain fields (no logits processors: those are code, and cannot be sent to another process)."""
         return {k: v for k, v in asdict(self).items() if k != "logits_processors"}
 
     def budget(self, prompt_positions: int, context_length: int) -> int:
@@ -222,8 +226,33 @@ class ImageFeatureCache:
         self.nbytes = 0
 
 
-class PromptCache:
-    """An mlx-lm KV cache together with the positions it holds, so a later prompt that shares a
+class PrefixCache:
+    """What both decode paths ask of a prompt cache: a KV cache already holding a prefix of a prompt, and,
+    once the answer is done, that KV cache back with the positions it then holds."""
+
+    def fetch(self, positions: Sequence[Hashable]) -> Tuple[list, int]:
+        """(kv, n): a KV cache holding the first ``n`` of ``positions``, with ``n < len(positions)``."""
+        raise NotImplementedError
+
+    def store(self, positions: Sequence[Hashable], kv: list) -> None:
+        """``kv`` holds ``positions`` (or a prefix of them, when generation stopped early)."""
+        raise NotImplementedError
+
+
+def trim_to(kv: list, n: int) -> bool:
+    """Cut the KV cache back to its first ``n`` positions; False when it cannot be cut (e.g. a rotating cache
+    that already dropped them)."""
+    extra = kv[0].offset - n if kv else 0
+    return extra <= 0 or (can_trim_prompt_cache(kv) and trim_prompt_cache(kv, extra) == extra)
+
+
+def fresh_kv(kv: list) -> list:
+    """Empty caches of the same kinds."""
+    return [type(c)() for c in kv]
+
+
+class PromptCache(PrefixCache):
+    """One conversation's KV cache together with the positions it holds, so a later prompt that shares a
     prefix with them prefills only what follows (images compare by content digest)."""
 
     _keys = itertools.count()
@@ -237,28 +266,79 @@ class PromptCache:
     def offset(self) -> int:
         return self.kv[0].offset if self.kv else 0
 
-    def reuse(self, positions: Sequence[Hashable]) -> int:
-        """Keep the longest prefix shared with ``positions`` (at least one position is left to prefill,
-        which gives the first logits) and drop the rest; returns how many positions are kept."""
+    def fetch(self, positions: Sequence[Hashable]) -> Tuple[list, int]:
+        """Keep the longest prefix shared with ``positions`` (at least the last position is left to compute,
+        which gives the first logits) and drop the rest."""
         shared = 0
         for held, wanted in zip(self.positions, positions):
             if held != wanted:
                 break
             shared += 1
         shared = min(shared, len(positions) - 1, self.offset)
-        if shared < self.offset and not self._trim(self.offset - shared):
-            self.kv, self.positions, shared = [type(c)() for c in self.kv], [], 0
+        if not trim_to(self.kv, shared):
+            self.kv, shared = fresh_kv(self.kv), 0
         self.positions = self.positions[:shared]
-        return shared
+        return self.kv, shared
 
-    def _trim(self, n: int) -> bool:
-        return can_trim_prompt_cache(self.kv) and trim_prompt_cache(self.kv, n) == n
-
-    def record(self, positions: Sequence[Hashable]) -> None:
-        """After a generation: the cache now holds these positions (as many as its offset says)."""
+    def store(self, positions: Sequence[Hashable], kv: list) -> None:
+        self.kv = kv
         self.positions = list(positions)[: self.offset]
-        if len(self.positions) < self.offset:
-            self._trim(self.offset - len(self.positions))
+        trim_to(self.kv, len(self.positions))
+
+
+class SharedPromptCache(PrefixCache):
+    """Prefixes shared by many requests (a system prompt, earlier turns, an image already seen), bounded in
+    bytes: mlx-lm's ``LRUPromptCache`` keyed by prompt positions."""
+
+    MODEL_KEY = "fastvlm"  # LRUPromptCache keys entries by model; one cache serves one model
+
+    def __init__(self, model: FastVLM, max_bytes: int):
+        self.model = model
+        self.entries = LRUPromptCache(max_size=1 << 20, max_bytes=max_bytes)
+
+    @property
+    def nbytes(self) -> int:
+        return self.entries.nbytes
+
+    def fetch(self, positions: Sequence[Hashable]) -> Tuple[list, int]:
+        kv, rest = self.entries.fetch_nearest_cache(self.MODEL_KEY, list(positions))
+        if kv is None:
+            return make_prompt_cache(self.model), 0
+        cached = min(len(positions) - len(rest), len(positions) - 1)
+        if not trim_to(kv, cached):
+            return make_prompt_cache(self.model), 0
+        return kv, cached
+
+    def store(self, positions: Sequence[Hashable], kv: list) -> None:
+        if kv and trim_to(kv, len(positions)) and kv[0].offset == len(positions):
+            self.entries.insert_cache(self.MODEL_KEY, list(positions), kv)
+
+
+def prefill(model: FastVLM, kv: list, ids: Sequence[int], embeddings: mx.array, step: int = PREFILL_STEP) -> None:
+    """The one prefill: feed ``embeddings`` (positions, hidden) into ``kv``, ``step`` positions a call, on
+    mlx-lm's generation stream inside its wired limit (``ids`` are the positions' token ids; the decoder reads
+    the embeddings)."""
+    if not len(ids):
+        return
+    with wired_limit(model, [generation_stream]), mx.stream(generation_stream):
+        for i in range(0, len(ids), step):
+            chunk = embeddings[i : i + step]
+            model(mx.array(ids[i : i + step])[None], cache=kv, input_embeddings=chunk[None])
+            mx.eval([c.state for c in kv])
+    mx.clear_cache()  # the prefill's activations are transient
+
+
+@dataclass
+class Started:
+    """A sequence prefilled up to its last prompt position, which the decoder computes first."""
+
+    kv: list
+    positions: List[Hashable]
+    cached: int  # positions that came from the prefix cache
+    last_id: int
+    last_embedding: mx.array  # (1, hidden)
+    vision_ms: float
+    prefill_s: float
 
 
 class Engine:
@@ -268,7 +348,9 @@ class Engine:
         self.model = model
         self.processor = processor
         self.image_cache = ImageFeatureCache(image_cache_bytes)
-        self.cluster = getattr(model, "_fastvlm_cluster", None)  # set by load() when the decoder is split
+        # where embed() takes image embeddings from: the vision tower through the cache here; a rank of a
+        # model split over processes takes them from the leader instead (distributed.Replica, Follower)
+        self.image_source: Callable[[Sequence, Sequence[str]], List[mx.array]] = self.encode_images
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -288,17 +370,7 @@ class Engine:
     # -------------------------------------------------------------------- 2. encode images
     @runs_on_mlx_thread
     def encode_images(self, pixels: Sequence[mx.array], digests: Sequence[str]) -> List[mx.array]:
-        """Projected embeddings (N, hidden) per image: from the cache, the misses in one tower call.
-
-        With the decoder split over ranks, the leader encodes and the other ranks receive."""
-        if self.cluster is None or not digests:
-            return self._encode_here(pixels, digests)
-        shape = (len(digests), self.model.config.num_image_tokens, self.model.config.text_args().hidden_size)
-        dtype = self.dtype
-        mine = mx.stack(self._encode_here(pixels, digests)).astype(dtype) if self.cluster.leader else None
-        return list(self.cluster.share_images(mine, shape, dtype))
-
-    def _encode_here(self, pixels: Sequence[mx.array], digests: Sequence[str]) -> List[mx.array]:
+        """Projected embeddings (N, hidden) per image: from the cache, the misses in one tower call."""
         found = {d: self.image_cache.get(d) for d in dict.fromkeys(digests)}
         missing = [d for d, e in found.items() if e is None]
         if missing:
@@ -324,7 +396,7 @@ class Engine:
         if encoded is not None and all(prompt.digests[i] in encoded for i in needed):
             encoded = [encoded[prompt.digests[i]] for i in needed]
         else:
-            encoded = self.encode_images([prompt.pixels[i] for i in needed], [prompt.digests[i] for i in needed])
+            encoded = self.image_source([prompt.pixels[i] for i in needed], [prompt.digests[i] for i in needed])
         hidden = self.model.config.text_args().hidden_size
         filler = mx.zeros((prompt.image_tokens, hidden))  # stands in for an image already in the cache
         per_image = [filler] * len(prompt.pixels)
@@ -334,6 +406,21 @@ class Engine:
         return self.model.embed_prompt(prompt.ids, image_embeds)[start:]
 
     # ---------------------------------------------------------------- 4. prefill and decode
+    def begin(self, prompt: Prompt, cache: PrefixCache, encoded: Optional[dict] = None,
+              step: int = PREFILL_STEP) -> Started:
+        """Both decode paths start here: take what ``cache`` holds of the prompt, encode the images the rest
+        needs, and prefill all of it but the last position, which the decoder computes with the first token."""
+        positions = prompt.positions()
+        kv, cached = cache.fetch(positions)
+        start = time.perf_counter()
+        embeddings = self.embed(prompt, cached, encoded)
+        vision_ms = (time.perf_counter() - start) * 1e3
+        filler = self.processor.tokenizer.pad_token_id or 0  # an id for image positions (the embeddings are read)
+        ids = [t if isinstance(t, int) else filler for t in positions[cached:]]
+        start = time.perf_counter()
+        prefill(self.model, kv, ids[:-1], embeddings[:-1], step)
+        return Started(kv, positions, cached, ids[-1], embeddings[-1:], vision_ms, time.perf_counter() - start)
+
     @streams_on_mlx_thread
     def stream(
         self, prompt: Prompt, sampling: Sampling, cache: Optional[PromptCache] = None, **generate_kwargs
@@ -342,20 +429,11 @@ class Engine:
 
         Extra keyword arguments go to mlx-lm's ``generate_step`` (e.g. ``kv_bits``).
         """
-        cluster = self.cluster
-        if cluster is not None:
-            cluster.announce("stream", prompt=prompt.shareable(), sampling=sampling.shareable(),
-                             cache=None if cache is None else cache.key, **generate_kwargs)
-        positions = prompt.positions()
-        cached = cache.reuse(positions) if cache is not None else 0
+        if cache is None:  # a one-off request: a KV cache of its own, as mlx-lm would make
+            cache = PromptCache(self.model, make_prompt_cache(self.model, generate_kwargs.get("max_kv_size")))
         start = time.perf_counter()
-        embeddings = self.embed(prompt, cached)
-        vision_ms = (time.perf_counter() - start) * 1e3
-        # mlx-lm wants token ids beside the embeddings (for repetition penalties); image positions get the pad id.
-        filler = self.processor.tokenizer.pad_token_id or 0
-        tokens = [t if isinstance(t, int) else filler for t in positions[cached:]]
-        generated: List[int] = []
-        ttft_ms = None
+        begun = self.begin(prompt, cache)
+        positions, generated, ttft_ms = begun.positions, [], None
         processors = sampling.processors()
         context = self.processor.context_length
         budget = sampling.budget(len(positions), context)
@@ -363,58 +441,62 @@ class Engine:
             for r in lm_stream_generate(
                 self.model,
                 self.processor.tokenizer,
-                mx.array(tokens),
+                mx.array([begun.last_id]),
                 max_tokens=budget,
                 sampler=sampling.sampler(),
                 logits_processors=processors,
-                input_embeddings=embeddings,
-                prompt_cache=cache.kv if cache is not None else None,
+                input_embeddings=begun.last_embedding,
+                prompt_cache=begun.kv,
                 **generate_kwargs,
             ):
                 if ttft_ms is None:
                     ttft_ms = (time.perf_counter() - start) * 1e3
+                    computed = len(positions) - begun.cached
+                    prompt_tps = computed / max(ttft_ms / 1e3 - begun.vision_ms / 1e3, 1e-9)
                 check_finite(r.logprobs, r.token, self.dtype, bool(processors))
                 generated.append(r.token)
                 if r.finish_reason == "length" and budget < sampling.max_tokens:
                     warnings.warn(f"the answer stopped at the model's context of {context} positions "
                                   f"(the prompt took {len(positions)}; max_tokens was {sampling.max_tokens})")
-                try:
-                    yield GenerationResponse(
-                        **dict(asdict(r), prompt_tokens=len(positions)),
-                        vision_ms=vision_ms,
-                        ttft_ms=ttft_ms,
-                        cached_tokens=cached,
-                    )
-                except GeneratorExit:  # the caller stopped early: so do the followers
-                    if cluster is not None and r.finish_reason is None:
-                        cluster.share(False)
-                    raise
-                # model-parallel: after each token but the last, the leader says whether it goes on
-                if cluster is not None and r.finish_reason is None and not cluster.share(True):
-                    break
+                yield GenerationResponse(
+                    **dict(asdict(r), prompt_tokens=len(positions), prompt_tps=prompt_tps),
+                    vision_ms=begun.vision_ms,
+                    ttft_ms=ttft_ms,
+                    cached_tokens=begun.cached,
+                )
         finally:  # also when the caller stops early: the cache holds what was fed, and says so
-            if cache is not None:
-                cache.record(positions + generated)
+            cache.store(positions + generated, begun.kv)
             mx.clear_cache()  # between requests, freed buffers go back to the system
 
-    @runs_on_mlx_thread
     def forget(self, cache: PromptCache) -> None:
-        """A conversation's cache is no longer needed (its follower-rank counterparts can go)."""
-        if self.cluster is not None:
-            self.cluster.announce("forget", cache=cache.key)
+        """A conversation's cache is no longer needed: nothing to do here (``distributed.Replica`` tells the
+        other ranks, whose counterparts of it can go)."""
+
+    def decoder(self, **options) -> "BatchDecoder":
+        """A batched decoder over this engine (``batching.BatchDecoder``'s options)."""
+        from .batching import BatchDecoder
+
+        return BatchDecoder(self, **options)
 
 
 def engine_for(model: FastVLM, processor: FastVLMProcessor, image_cache_bytes: Optional[int] = None) -> Engine:
     """The model's shared engine (and so its image-feature cache), made on first use.
 
-    ``image_cache_bytes`` bounds the image-feature cache (default 256 MiB; 0 disables it).
+    ``image_cache_bytes`` bounds the image-feature cache (default 256 MiB; 0 disables it).  On the leader of
+    a model split over ranks, the shared engine is the ``distributed.Replica`` that ``follow_or_lead`` set.
     """
-    engine = getattr(model, "_fastvlm_engine", None)
+    engine = model.__dict__.get(SHARED_ENGINE)
     if engine is None or engine.processor is not processor:
-        engine = Engine(model, processor)
-        model._fastvlm_engine = engine  # a plain attribute: not a parameter, never saved
+        engine = share_engine(Engine(model, processor))
     if image_cache_bytes is not None:
         engine.image_cache.resize(image_cache_bytes)
+    return engine
+
+
+def share_engine(engine):
+    """Make ``engine`` the one ``engine_for`` gives for its model (kept beside the model's modules, never
+    saved); returns it."""
+    engine.model.__dict__[SHARED_ENGINE] = engine
     return engine
 
 

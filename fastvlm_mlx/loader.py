@@ -161,7 +161,6 @@ def load_model(path: Path, dtype: Union[mx.Dtype, str, None] = None, cluster: Op
     model.language_model.load_weights(compact, strict=False)  # back to the checkpoint's bfloat16
     if cluster is not None and cluster.splits_model:
         cluster.split(model.language_model)
-        model._fastvlm_cluster = cluster  # a plain attribute, read by the engine
     needed = model.parameters() if cluster is None or cluster.leader else model.language_model.parameters()
     mx.eval(needed)
     return specialize(model)

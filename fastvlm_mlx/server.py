@@ -338,10 +338,8 @@ class GenerationLoop:
     deliver) runs on the package's MLX thread (``mlx_thread``), as every other MLX call of the process does."""
 
     def __init__(self, engine, cfg: ServerConfig, metrics: Metrics):
-        from .batching import BatchDecoder
-
         self.engine, self.cfg, self.metrics = engine, cfg, metrics
-        self.decoder = BatchDecoder(engine, cfg.max_batch, cfg.prompt_cache_bytes)
+        self.decoder = engine.decoder(max_batch=cfg.max_batch, prompt_cache_bytes=cfg.prompt_cache_bytes)
         self.pending: "queue.Queue[Job]" = queue.Queue(maxsize=cfg.max_queue)
         self.jobs = {}  # uid -> (job, state)
         self.admitting: List[Job] = []
@@ -378,8 +376,9 @@ class GenerationLoop:
         try:
             while not self.stopping:
                 mlx_thread.run(self._advance, self._take(block=not self.jobs))
-            if self.decoder.cluster is not None:
-                mlx_thread.run(self.decoder.cluster.close)
+            cluster = getattr(self.decoder, "cluster", None)  # a distributed.ReplicatedDecoder's
+            if cluster is not None:
+                cluster.close()
         except BaseException as e:  # the loop must never die silently: /health reports it
             self.alive = False
             for job in self.admitting + [job for job, _ in self.jobs.values()]:
