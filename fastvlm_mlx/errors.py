@@ -12,6 +12,10 @@ class NonFiniteLogitsError(FastVLMError):
     """The model's logits overflowed the precision it computes in (float16 on Qwen2's larger models)."""
 
 
+class ContextLengthError(FastVLMError):
+    """The prompt leaves no room to generate in the model's context: a bad request, not a server fault."""
+
+
 def lost_peer(e: BaseException) -> bool:
     """Whether MLX's distributed backend failed because another rank went away."""
     return isinstance(e, RuntimeError) and str(e).startswith(("[ring]", "[mpi]", "[jaccl]"))

@@ -13,7 +13,7 @@ import mlx.core as mx
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-from .errors import FastVLMError
+from .errors import ContextLengthError, FastVLMError
 from .model import IMAGE_PLACEHOLDER, ModelConfig
 
 IMAGE_TOKEN = "<image>"
@@ -140,7 +140,7 @@ class FastVLMProcessor:
     def check_length(self, positions: int) -> None:
         """A prompt of this many positions (image positions included) must leave room to generate."""
         if positions >= self.context_length:
-            raise FastVLMError(
+            raise ContextLengthError(
                 f"the prompt is {positions} tokens (images included), over the model's context of {self.context_length}"
             )
 

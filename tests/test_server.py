@@ -369,3 +369,55 @@ def test_remote_images_only_when_allowed_and_never_redirected_elsewhere(local):
         s.stop()
         plain.stop()
         images.shutdown()
+
+
+# ------------------------------------------------------------------------------ the request model
+def test_request_model_checks_json_types_and_names_the_field():
+    from fastvlm_mlx.server import APIError, ChatCompletionRequest
+
+    good = {"messages": [{"role": "user", "content": "hi"}]}
+    cases = [
+        (dict(good, max_tokens=True), "max_tokens", "max_tokens: input should be a valid integer"),
+        (dict(good, temperature="0.5"), "temperature", "temperature: input should be a valid number"),
+        (dict(good, tools=[{}], logit_bias={"1": 2}), "logit_bias", "unsupported field(s): logit_bias, tools"),
+        ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, "messages", "messages[0].content[0]: "),
+        ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "messages", "tool_calls"),
+        (dict(good, stop=["a", ""]), "stop", "stop[1]: "),
+        (dict(good, top_logprobs=21), "top_logprobs", "top_logprobs: "),
+    ]
+    for body, param, words in cases:
+        with pytest.raises(APIError) as caught:
+            ChatCompletionRequest.parse(body)
+        assert caught.value.status == 400 and caught.value.param == param, caught.value.body()
+        assert words in caught.value.message.lower(), caught.value.message
+    request = ChatCompletionRequest.parse({
+        "messages": [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": [
+            {"type": "image_url", "image_url": "a.png"}, {"type": "text", "text": "hi"}]}],
+        "stop": "x", "max_completion_tokens": 9, "max_tokens": 3, "temperature": 1,
+    })  # fmt: skip
+    assert request.engine_messages(lambda url, where: (url, where)) == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "image", "image": ("a.png", "messages[1].content[0]")},
+                                     {"type": "text", "text": "hi"}]},
+    ]  # fmt: skip
+    assert request.stop == ["x"]
+    defaults = dict(max_tokens=100, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=None, seed=None)
+    assert request.sampling_params(defaults, 5) == dict(defaults, max_tokens=5, temperature=1.0)
+    assert request.sampling_params(defaults, 50)["max_tokens"] == 9  # max_completion_tokens wins over max_tokens
+
+
+def test_context_overflow_is_a_typed_error_with_its_code(server, local):
+    from fastvlm_mlx.errors import ContextLengthError, FastVLMError
+
+    _, processor = local
+    processor.check_length(processor.context_length - 1)
+    with pytest.raises(ContextLengthError):
+        processor.check_length(processor.context_length)
+    assert issubclass(ContextLengthError, FastVLMError)  # the CLIs print it as one line, like every user error
+    response = post(server, {"messages": [{"role": "user", "content": "word " * 600}]})
+    assert_error(response, 400, "context")
+    assert response.json()["error"]["code"] == "context_length_exceeded"
+    # another bad conversation is a plain 400 without that code
+    response = post(server, {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    assert_error(response, 400, "user")
+    assert response.json()["error"]["code"] is None

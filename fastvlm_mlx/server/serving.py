@@ -1,0 +1,142 @@
+"""Serving chat completions: a checked request goes to the scheduler, and its events come back as one
+response or as server-sent chunks. Nothing here knows HTTP's framework; ``routes.py`` does."""
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from .config import ServerConfig
+from .metrics import Metrics, memory_gauges
+from .protocol import (
+    APIError,
+    AssistantMessage,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    Choice,
+    ChoiceLogprobs,
+    ChunkChoice,
+    DeltaMessage,
+)  # fmt: skip
+from .scheduler import Delta, Failed, Finished, Job, ParsedRequest, Scheduler
+
+KEEPALIVE = object()  # no event within the keep-alive interval: a streaming response sends a comment line
+Disconnected = Callable[[], Awaitable[bool]]
+
+
+def parse_request(body, cfg: ServerConfig) -> ParsedRequest:
+    """Check a chat-completions body and turn it into engine messages (images decoded) and sampling options."""
+    from ..cli import sampling_defaults
+    from .images import load_image_url
+
+    request = ChatCompletionRequest.parse(body)
+    messages = request.engine_messages(lambda url, where: load_image_url(url, where, cfg))
+    sampling = request.sampling_params({**sampling_defaults(), **cfg.sampling}, cfg.max_tokens_limit)
+    options = request.stream_options
+    return ParsedRequest(
+        messages, sampling, bool(request.stream), bool(options and options.include_usage), bool(request.logprobs),
+        request.top_logprobs or 0, request.stop or [],
+    )  # fmt: skip
+
+
+class ChatService:
+    """The engine, its scheduler and the metrics of one served model."""
+
+    def __init__(self, model, processor, cfg: ServerConfig, model_id: str):
+        from ..engine import engine_for
+
+        self.cfg, self.model_id = cfg, model_id
+        self.engine = engine_for(model, processor, image_cache_bytes=cfg.image_cache_bytes)
+        self.metrics = Metrics()
+        self.scheduler = Scheduler(self.engine, cfg, self.metrics)
+
+    @property
+    def alive(self) -> bool:
+        return self.scheduler.alive
+
+    def render_metrics(self) -> str:
+        return self.metrics.render({**self.scheduler.gauges(), **memory_gauges()})
+
+    async def create(self, body, disconnected: Disconnected) -> ChatCompletionResponse | AsyncIterator[str]:
+        """A response, or for ``stream`` an iterator of server-sent-event lines; ``APIError`` for a bad request."""
+        if not self.alive:
+            raise APIError(503, "the generation loop stopped", kind="server_error")
+        parsed = await asyncio.to_thread(parse_request, body, self.cfg)  # images are decoded off the event loop
+        job = Job(parsed, asyncio.get_running_loop(), asyncio.Queue())
+        self.scheduler.submit(job)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if parsed.stream:
+            return self._stream(job, disconnected, rid, created)
+        return await self._complete(job, disconnected, rid, created)
+
+    def _done(self, job: Job) -> None:
+        self.metrics.count(200)
+        self.metrics.observe("request_latency_seconds", time.perf_counter() - job.created)
+
+    async def _next_event(self, job: Job, disconnected: Disconnected, keepalive: float | None):
+        """The job's next event; None when the client went away; ``KEEPALIVE`` after ``keepalive`` s of nothing."""
+        while True:
+            try:
+                return await asyncio.wait_for(job.events.get(), timeout=keepalive or 1.0)
+            except asyncio.TimeoutError:
+                if not self.alive and job.events.empty():
+                    return Failed(APIError(503, "the generation loop stopped", kind="server_error"))
+                if await disconnected():
+                    job.cancelled = True
+                    return None
+                if keepalive:
+                    return KEEPALIVE
+
+    async def _complete(self, job: Job, disconnected: Disconnected, rid: str, created: int) -> ChatCompletionResponse:
+        text, entries = [], []
+        while True:
+            event = await self._next_event(job, disconnected, None)
+            if event is None:
+                raise APIError(499, "client closed the request")
+            if isinstance(event, Failed):
+                raise event.error
+            if isinstance(event, Delta):
+                text.append(event.text)
+                entries += event.logprobs
+            if isinstance(event, Finished):
+                break
+        self._done(job)
+        choice = Choice(
+            message=AssistantMessage(content="".join(text)),
+            finish_reason=event.reason,
+            logprobs=ChoiceLogprobs(content=entries) if job.request.logprobs else None,
+        )
+        return ChatCompletionResponse(id=rid, created=created, model=self.model_id, choices=[choice], usage=event.usage)
+
+    async def _stream(self, job: Job, disconnected: Disconnected, rid: str, created: int) -> AsyncIterator[str]:
+        def chunk(delta: DeltaMessage | None = None, finish=None, logprobs=None, usage=None) -> str:
+            choices = [] if delta is None else [ChunkChoice(delta=delta, finish_reason=finish, logprobs=logprobs)]
+            body = ChatCompletionChunk(id=rid, created=created, model=self.model_id, choices=choices, usage=usage)
+            return f"data: {body.model_dump_json()}\n\n"
+
+        try:
+            yield chunk(DeltaMessage(role="assistant", content=""))
+            while True:
+                event = await self._next_event(job, disconnected, self.cfg.keepalive_s)
+                if event is None:
+                    return
+                if event is KEEPALIVE:
+                    yield ": keepalive\n\n"
+                elif isinstance(event, Failed):
+                    self.metrics.count(event.error.status)
+                    yield f"data: {json.dumps(event.error.body())}\n\n"
+                    return
+                elif isinstance(event, Delta):
+                    logprobs = ChoiceLogprobs(content=event.logprobs) if job.request.logprobs else None
+                    yield chunk(DeltaMessage(content=event.text), logprobs=logprobs)
+                else:
+                    yield chunk(DeltaMessage(), finish=event.reason)
+                    if job.request.include_usage:
+                        yield chunk(usage=event.usage)
+                    yield "data: [DONE]\n\n"
+                    self._done(job)
+                    return
+        finally:  # the client went away, or the stream ended: the sequence leaves the batch either way
+            job.cancelled = True
