@@ -178,3 +178,47 @@ def test_cpu_tower_takes_several_images_in_one_call(reference, monkeypatch):
     expected, got = plain.vision_tower(pixels), fast.vision_tower(pixels)
     assert got.shape == expected.shape and got.shape[0] == 3
     assert rel_err(expected, got) <= 1e-5
+
+
+def _imports(path) -> set:
+    """Every module a file imports, at any depth (relative imports resolved within fastvlm_mlx)."""
+    import ast
+
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = ".".join(p for p in (base, node.module or "") if p) if node.level else node.module
+            found.add(module)
+            found |= {f"{module}.{alias.name}" for alias in node.names}
+    return found
+
+
+def test_the_engine_and_the_batched_decoder_know_nothing_of_ranks():
+    for name in ("engine.py", "batching.py"):
+        path = ROOT / "fastvlm_mlx" / name
+        assert not [m for m in _imports(path) if "distributed" in m], name
+        assert "cluster" not in path.read_text(), name
+
+
+def test_the_server_routes_do_not_drive_the_model():
+    """Routes reach the model only through the serving layer: no MLX, no mlx-lm, no engine or decoder."""
+    imported = _imports(ROOT / "fastvlm_mlx" / "server" / "routes.py")
+    core = ("fastvlm_mlx.engine", "fastvlm_mlx.batching", "fastvlm_mlx.mlx_thread", "fastvlm_mlx.distributed")
+    assert not [m for m in imported if m.split(".")[0] in ("mlx", "mlx_lm") or m.startswith(core)], imported
+
+
+def test_only_the_generation_core_calls_mlx_lms_generation():
+    """mlx-lm's generation functions (stream_generate, generate_step, BatchGenerator, its prompt caches) are called
+    from the engine and the batched decoder alone; lm_internals only names its stream and wired limit."""
+    core = {"fastvlm_mlx/engine.py", "fastvlm_mlx/batching.py"}
+    calls = ("stream_generate", "generate_step", "BatchGenerator", "LRUPromptCache", "make_prompt_cache")
+    for path in (ROOT / "fastvlm_mlx").rglob("*.py"):
+        rel = path.relative_to(ROOT).as_posix()
+        lm = [m for m in _imports(path) if m.startswith("mlx_lm.generate") or m.startswith("mlx_lm.models.cache")]
+        used = [m for m in lm if m.rsplit(".", 1)[-1] in calls]
+        if rel not in core:
+            assert not used, (rel, used)
