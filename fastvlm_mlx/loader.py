@@ -136,17 +136,6 @@ def specialize(model: FastVLM) -> FastVLM:
     return model
 
 
-def stored_compact(model: FastVLM, dtype: mx.Dtype, cluster: Optional["Cluster"] = None) -> list:
-    """(path, weight) of the decoder weights to keep in the checkpoint's bfloat16 while the model computes in
-    ``dtype``: on the CPU in float32, where the CPU layer widens them exactly as it reads them (``cpu.decoder``);
-    none for a decoder split over ranks, whose layers mlx-lm computes."""
-    if not uses_cpu_layer(dtype) or (cluster is not None and cluster.splits_model):
-        return []
-    from .cpu.decoder import stored_compact as compact_weights
-
-    return compact_weights(model.language_model)
-
-
 def load_model(path: Path, dtype: Union[mx.Dtype, str, None] = None, cluster: Optional["Cluster"] = None) -> FastVLM:
     """Read, build and cast; with a ``cluster`` that splits the model, keep this rank's part of the decoder
     (the weights are still lazy then, so the rest is never materialised) and, on a follower, no vision tower."""
@@ -156,7 +145,13 @@ def load_model(path: Path, dtype: Union[mx.Dtype, str, None] = None, cluster: Op
     stored = stored_dtype(weights)
     model = build_model(config, weights, str(path))
     dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype or default_dtype(stored)
-    compact = stored_compact(model, dtype, cluster)
+    # On the CPU layer the decoder's weights stay in the checkpoint's bfloat16 (its kernels widen them as they read
+    # them); a decoder split over ranks computes with mlx-lm's layers, which need them cast.
+    compact = []
+    if uses_cpu_layer(dtype) and (cluster is None or not cluster.splits_model):
+        from .cpu.decoder import stored_compact
+
+        compact = stored_compact(model.language_model)
     model.set_dtype(dtype)
     model.language_model.load_weights(compact, strict=False)  # back to the checkpoint's bfloat16
     if cluster is not None and cluster.splits_model:

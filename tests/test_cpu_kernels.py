@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from precision import requires_c_kernels, requires_cpu_layer
 
-from fastvlm_mlx.cpu import kernels as cpu_math
+from fastvlm_mlx.cpu import formulas as cpu_math
 
 pytestmark = requires_cpu_layer
 
@@ -101,7 +101,7 @@ def _attention64(q, k, v, scale, causal):
 def test_blocked_attention_kernel_matches_float64_attention():
     """attention.c over several blocks of query rows and ragged tails: the tower's shape (24 heads of 32 over
     1024 positions), a grouped causal prefill after a cached prefix, odd sizes, logits large enough to overflow
-    a naive exponential, and calls from several threads at once.  kernels.attention takes this path."""
+    a naive exponential, and calls from several threads at once.  formulas.attention takes this path."""
     from fastvlm_mlx.cpu import blas
     from fastvlm_mlx.cpu.attention import blocked_attention
 

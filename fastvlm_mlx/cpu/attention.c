@@ -24,7 +24,7 @@ static inline v16 vmax(v16 a, v16 b) {
     return (v16)((a_wins & (i16)a) | (~a_wins & (i16)b));
 }
 
-/* exp(y) for y <= 0 (the same method as kernels.exp_nonpositive): y clamped at -64, whose exponential
+/* exp(y) for y <= 0 (the same method as formulas.exp_nonpositive): y clamped at -64, whose exponential
  * 1.6e-28 vanishes beside a row sum of at least 1 and keeps the next matmul clear of subnormal floats;
  * n = round(y / ln 2), f = y - n ln 2 in two exact parts, a degree-6 fit of exp(f), times 2^n. */
 static inline v16 exp_nonpositive(v16 y) {

@@ -4,7 +4,7 @@ the one new position of a decode step.
 For the tower's stage 3 (24 heads, 1024 positions) MLX's CPU ops make ~10 passes over a 100 MB score
 array, mostly single-threaded; ``attention.c`` never writes that array out.  It needs the process's
 optimized BLAS (``blas.py``) for its two sgemm calls per block; without one (or without a C compiler)
-``blocked_attention`` returns None and ``kernels.attention_cpu`` computes the same maths with MLX ops.
+``blocked_attention`` returns None and ``formulas.attention_cpu`` computes the same maths with MLX ops.
 
 A decode step's attention (``one_position``, for ``cpu.decoder``) is a few thousand multiply-adds a layer,
 which MLX's CPU ops took ~0.4 ms to schedule and run; the kernel reads the KV cache's memory as it is and
@@ -77,7 +77,7 @@ def one_position(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache_keys: mx.arr
 
 
 def blocked_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool = False) -> Optional[mx.array]:
-    """``kernels.attention_cpu``'s result for float32 (B, heads, L, D) q and (B, kv_heads, S, D) k, v, or
+    """``formulas.attention_cpu``'s result for float32 (B, heads, L, D) q and (B, kv_heads, S, D) k, v, or
     None where the kernel cannot run (no compiler or BLAS, or inside mx.compile)."""
     found = kernel()
     if found is None:

@@ -22,11 +22,11 @@ from mlx_lm.models.base import scaled_dot_product_attention
 from ..lm_internals import become, filled_length, is_plain_kv_cache, is_quantized_cache
 from . import skinny
 from .attention import one_position
-from .kernels import attention, on_cpu_float32, swiglu
+from .formulas import attention, on_cpu_float32, swiglu
 
 
 class CpuAttention(qwen2.Attention):
-    """Steps of more than one position (the prefill) use ``kernels.attention``, whose softmax is 7x faster
+    """Steps of more than one position (the prefill) use ``formulas.attention``, whose softmax is 7x faster
     than MLX's on the CPU; ``CpuTransformerBlock``'s decode steps use ``attend_one_position``; other one-token
     steps, quantized KV caches, explicit mask arrays and other dtypes go to mlx-lm's own code."""
 
@@ -39,7 +39,7 @@ class CpuAttention(qwen2.Attention):
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, mask, cache) -> mx.array:
         """What lies between the projections, as in mlx-lm: split the heads, rope, the KV cache, softmax
-        attention (``kernels.attention`` for a prefill, mlx-lm's for a decode step and its masks)."""
+        attention (``formulas.attention`` for a prefill, mlx-lm's for a decode step and its masks)."""
         b, length, _ = q.shape
         q, k, v = (
             a.reshape(b, length, heads, -1).transpose(0, 2, 1, 3)
@@ -112,7 +112,7 @@ def _kept_keys(mask, sequences: int, keys: int):
 
 
 class CpuMLP(qwen2.MLP):
-    """The SiLU gate is ``kernels.swiglu``: 7x faster than MLX's scalar sigmoid on the CPU, which took a
+    """The SiLU gate is ``formulas.swiglu``: 7x faster than MLX's scalar sigmoid on the CPU, which took a
     quarter of a 300-position prefill."""
 
     def __call__(self, x: mx.array) -> mx.array:

@@ -26,7 +26,7 @@ from ..vision import AttentionBlock, FastViTHD, FinalConv, PatchEmbed, RepMixerB
 from . import mlp
 from .blas import blas_threads
 from .depthwise import computes_channels_first, depthwise_conv2d, to_channels_first, to_channels_last
-from .kernels import attention, gelu
+from .formulas import attention, gelu
 
 _STREAMS_ENV = "FASTVLM_MLX_CPU_STREAMS"
 
@@ -135,7 +135,7 @@ def _repmixer_block_in_two_streams(block: RepMixerBlock, x: mx.array) -> mx.arra
 
 
 def attention_block(block: AttentionBlock, x: mx.array) -> mx.array:
-    """NHWC; ``kernels.attention`` spreads the heads over the cores itself."""
+    """NHWC; ``formulas.attention`` spreads the heads over the cores itself."""
     attn = block.token_mixer
     b, h, w, c = x.shape
     qkv = attn.qkv(block.norm(x).reshape(b, h * w, c))
