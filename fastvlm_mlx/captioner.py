@@ -22,14 +22,13 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import List, Optional
 
 from .errors import FastVLMError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".avif"}
 
 
-def list_inputs(source: str, prompt: Optional[str]) -> List[dict]:
+def list_inputs(source: str, prompt: str | None) -> list[dict]:
     """The work items of ``--input``, each ``{"id", "image", "prompt"}``, in a stable order."""
     path = Path(source)
     if path.is_dir():
@@ -98,7 +97,7 @@ def done_ids(output: Path, retry_errors: bool = False) -> dict:
     return done
 
 
-def _decode_ahead(items: List[dict], out: "queue.Queue", stop: threading.Event) -> None:
+def _decode_ahead(items: list[dict], out: "queue.Queue", stop: threading.Event) -> None:
     """Decode image files on a background thread (PIL releases the GIL), ahead of the model."""
     from .image import load_image
 
@@ -112,13 +111,13 @@ def _decode_ahead(items: List[dict], out: "queue.Queue", stop: threading.Event) 
     out.put(None)
 
 
-def caption(engine, items: List[dict], sampling: dict, batch_size: int, write) -> None:
+def caption(engine, items: list[dict], sampling: dict, batch_size: int, write) -> None:
     """Answer every item with batched decoding; ``write(record)`` is called as each one finishes."""
     from .batching import BatchDecoder
     from .engine import Sampling
 
     decoder = BatchDecoder(engine, max_batch=batch_size)
-    decoded: "queue.Queue" = queue.Queue(maxsize=4 * batch_size)
+    decoded: queue.Queue = queue.Queue(maxsize=4 * batch_size)
     stop = threading.Event()
     reader = threading.Thread(target=_decode_ahead, args=(items, decoded, stop), daemon=True)
     reader.start()
@@ -146,7 +145,7 @@ def caption(engine, items: List[dict], sampling: dict, batch_size: int, write) -
                     write({"id": item["id"], "image": item["image"], "prompt": item["prompt"], "error": error})
             if ready:
                 options = Sampling(**sampling)
-                for (item, prompt), admitted in zip(ready, decoder.admit([(p, options) for _, p in ready])):
+                for (item, _), admitted in zip(ready, decoder.admit([(p, options) for _, p in ready])):
                     running[admitted.uid] = (item, admitted, [])
             for t in decoder.step():
                 item, admitted, text = running[t.uid]
@@ -231,7 +230,7 @@ def _caption_all(model_path, source, output, prompt, sampling, batch_size, loade
     return 1 if failed else 0
 
 
-def check_same_inputs(items: List[dict], cluster) -> None:
+def check_same_inputs(items: list[dict], cluster) -> None:
     """Data parallel: every rank must list the very same inputs, or the shares would overlap or miss some."""
     import hashlib
 
@@ -248,7 +247,7 @@ def part_path(output: Path, cluster) -> Path:
     return output.with_name(f"{output.name}.rank{cluster.rank}-of-{cluster.size}")
 
 
-def merge_parts(output: Path, part: Path, items: List[dict], cluster) -> dict:
+def merge_parts(output: Path, part: Path, items: list[dict], cluster) -> dict:
     """Data parallel: every rank's part file to rank 0 over the group (the ranks may not share a disk),
     which rewrites ``output`` in input order, atomically; then each rank drops its part.  Returns, on
     rank 0, every id of the merged output -> whether its record is an error ({} elsewhere)."""
@@ -272,14 +271,22 @@ def merge_parts(output: Path, part: Path, items: List[dict], cluster) -> dict:
     return finished
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """The ``fastvlm-batch`` command; returns the exit status (console scripts exit with it)."""
     import typer
 
     from . import distributed
-    from .cli import dtype_option, report_interrupt, sampling_options, use_one_line_warnings
+    from .cli import (
+        connect_timeout_option,
+        dtype_option,
+        model_option,
+        parallel_option,
+        report_interrupt,
+        run_ranked,
+        sampling_options,
+        use_one_line_warnings,
+    )
     from .errors import exit_on_user_error
-    from .loader import DEFAULT_MODEL, load
 
     use_one_line_warnings()
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -289,8 +296,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     @exit_on_user_error
     @sampling_options
     def run(
-        model_path: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model directory or Hugging Face repo id."),
-        dtype: Optional[str] = dtype_option(),
+        model_path: str = model_option(),
+        dtype: str | None = dtype_option(),
         source: str = typer.Option(..., "--input", "-i", help="Directory, glob, text file of paths, or JSONL file."),
         output: Path = typer.Option(..., "--output", "-o", help="JSONL file the records are appended to."),
         prompt: str = typer.Option("Describe the image.", "--prompt", "-p", help="Prompt for inputs without their own."),
@@ -298,33 +305,30 @@ def main(argv: Optional[List[str]] = None) -> int:
         retry_errors: bool = typer.Option(
             False, "--retry-errors", help="Try the inputs whose record in --output is an error again."
         ),
-        parallel: str = typer.Option(
-            "data", "--parallel",
-            help="Under mlx.launch: 'data' (each rank answers its share of the inputs with the whole model), "
-                 "or split the decoder: 'tensor' or 'pipeline'. Ignored in a single process.",
+        parallel: str = parallel_option(
+            "data",
+            "Under mlx.launch: 'data' (each rank answers its share of the inputs with the whole model), "
+            "or split the decoder: 'tensor' or 'pipeline'. Ignored in a single process.",
         ),
-        connect_timeout: float = typer.Option(distributed.DEFAULT_CONNECT_TIMEOUT, "--connect-timeout",
-                                              help=distributed.CONNECT_HELP),
-        sampling: Optional[dict] = None,
+        connect_timeout: float = connect_timeout_option(),
+        sampling: dict | None = None,
     ):
-        from .engine import engine_for
-
         if batch_size < 1:
             raise FastVLMError(f"--batch-size must be at least 1 (got {batch_size})")
         if output.is_dir():
             raise FastVLMError(f"{output}: is a directory; --output names the JSONL file to write")
         options = dict(retry_errors=retry_errors, dtype=dtype)
         cluster = distributed.start(parallel, connect_timeout, allowed=("data",) + distributed.MODEL_PARALLEL)
-        if cluster is not None and cluster.splits_model:
-            model, processor = load(model_path, dtype=dtype, cluster=cluster)
-            if not distributed.follow_or_lead(cluster, engine_for(model, processor)):
-                return  # a follower rank: rank 0 reads the inputs and writes the output
-            with distributed.leading(cluster):
-                status["code"] = _caption_all(model_path, source, output, prompt, sampling, batch_size,
-                                              (model, processor), **options)
+        if cluster is None or not cluster.splits_model:  # alone, or a data-parallel rank: the model loads if needed
+            status["code"] = _caption_all(model_path, source, output, prompt, sampling, batch_size, cluster=cluster,
+                                          **options)
             return
-        status["code"] = _caption_all(model_path, source, output, prompt, sampling, batch_size, cluster=cluster,
-                                      **options)
+
+        def lead(engine) -> int:
+            loaded = (engine.model, engine.processor)
+            return _caption_all(model_path, source, output, prompt, sampling, batch_size, loaded, **options)
+
+        status["code"] = run_ranked(lead, model_path, parallel, connect_timeout, cluster=cluster, dtype=dtype) or 0
 
     try:
         stopped = app(args=argv, standalone_mode=False)  # typer gives 130 for a Ctrl-C it caught
