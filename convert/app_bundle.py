@@ -26,8 +26,8 @@ transformers.
 
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -62,7 +62,7 @@ COPIED_FILES = (
 # weights and config
 
 
-def app_weights(model: FastVLM) -> Dict[str, mx.array]:
+def app_weights(model: FastVLM) -> dict[str, mx.array]:
     """The tensors of the Swift model: ``language_model.*`` as is, the projector renamed, no vision tower.
 
     Quantized layers keep their ``.scales`` / ``.biases``; the app quantizes exactly the layers that have them.
@@ -150,7 +150,7 @@ def app_processor_config(patch_size: int) -> dict:
     }
 
 
-def app_compatibility_problems(model: FastVLM) -> List[str]:
+def app_compatibility_problems(model: FastVLM) -> list[str]:
     """What in this model the app's Swift code would stop at (its shapes are hard-coded for FastVLM at 1024px)."""
     shape = (1, model.config.num_image_tokens, model.config.mm_hidden_size)
     if shape == APP_IMAGE_FEATURES_SHAPE:
@@ -184,7 +184,7 @@ def _tokenizer_json(source_dir: Path) -> dict:
         ) from None
 
 
-def _added_token_entry(token_id: Optional[int]) -> dict:
+def _added_token_entry(token_id: int | None) -> dict:
     flags = dict(single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)  # as Qwen2's own
     entry = {"content": IMAGE_TOKEN, **flags}
     return entry if token_id is None else {"id": token_id, **entry}
@@ -247,7 +247,7 @@ def export_app_bundle(
     source_dir: Path,
     directory: Path,
     coreml_precision: str = "float16",
-    warn: Optional[Callable[[str], None]] = None,
+    warn: Callable[[str], None] | None = None,
 ) -> None:
     """Write the app's model folder into ``directory`` (an existing, empty directory, e.g. an atomic write's).
 
@@ -277,13 +277,13 @@ def convert_app_bundle(
     src: Path,
     dst: Path,
     dtype: str = "float16",
-    quantize_bits: Optional[int] = None,
+    quantize_bits: int | None = None,
     group_size: int = 64,
     quantize_projector: bool = False,
     coreml_precision: str = "float16",
     force: bool = False,
     progress: Callable[[str], None] = lambda step: None,
-    warn: Optional[Callable[[str], None]] = None,
+    warn: Callable[[str], None] | None = None,
 ) -> FastVLM:
     """Convert ``src`` (any supported format) into the app's model folder ``dst``, atomically; returns the model.
 

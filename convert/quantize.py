@@ -1,13 +1,12 @@
 """Decoder quantization with MLX's own affine quantization; the vision tower always stays in floating point."""
 
-from typing import Optional
 
 import mlx.nn as nn
 
 from fastvlm_mlx.errors import FastVLMError
 
 
-def quantize(model: nn.Module, bits: int, group_size: int, include_projector: bool = False) -> Optional[dict]:
+def quantize(model: nn.Module, bits: int, group_size: int, include_projector: bool = False) -> dict | None:
     """Quantize the language model's (and optionally the projector's) Linear/Embedding layers in place.
 
     Layers whose input width is not a multiple of ``group_size`` stay in floating point, as in mlx-lm.

@@ -7,8 +7,8 @@ projector and decoder keep running in MLX.  The package is the one ``python -m f
 """
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict
 
 import mlx.core as mx
 import numpy as np
@@ -27,7 +27,7 @@ class CoreMLVisionTower:
     interface of ``coremltools.models.MLModel.predict``; ``open`` builds one from a package.
     """
 
-    def __init__(self, predict: Callable[[Dict], Dict], resolution: int, image_input: bool = False, source: str = "CoreML"):
+    def __init__(self, predict: Callable[[dict], dict], resolution: int, image_input: bool = False, source: str = "CoreML"):
         self.predict = predict
         self.resolution = resolution
         self.image_input = image_input

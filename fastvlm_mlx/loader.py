@@ -6,7 +6,7 @@ needed).  This is also the one place where a backend's speed path is chosen (``s
 """
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -35,7 +35,7 @@ def parse_dtype(name: str) -> mx.Dtype:
     return found
 
 
-def stored_dtype(weights: Dict[str, mx.array]) -> mx.Dtype:
+def stored_dtype(weights: dict[str, mx.array]) -> mx.Dtype:
     """The floating dtype the checkpoint stores its decoder in (its final norm is never quantized)."""
     norm = weights.get("language_model.model.norm.weight")
     if norm is not None and mx.issubdtype(norm.dtype, mx.floating):
@@ -83,7 +83,7 @@ def resolve_path(path_or_repo: str) -> Path:
         ) from None
 
 
-def build_model(config: ModelConfig, weights: Dict[str, mx.array], where: str = "checkpoint") -> FastVLM:
+def build_model(config: ModelConfig, weights: dict[str, mx.array], where: str = "checkpoint") -> FastVLM:
     """Instantiate the model and load every tensor strictly: no missing, no unexpected, no misshaped."""
     model = FastVLM(config)
     if config.quantization:
@@ -136,7 +136,7 @@ def specialize(model: FastVLM) -> FastVLM:
     return model
 
 
-def load_model(path: Path, dtype: Union[mx.Dtype, str, None] = None, cluster: Optional["Cluster"] = None) -> FastVLM:
+def load_model(path: Path, dtype: mx.Dtype | str | None = None, cluster: Optional["Cluster"] = None) -> FastVLM:
     """Read, build and cast; with a ``cluster`` that splits the model, keep this rank's part of the decoder
     (the weights are still lazy then, so the rest is never materialised) and, on a follower, no vision tower."""
     config, weights = read_checkpoint(path)
@@ -168,10 +168,10 @@ VISION_BACKENDS = ("mlx", "coreml")
 @runs_on_mlx_thread
 def load(
     path_or_repo: str = DEFAULT_MODEL,
-    dtype: Union[mx.Dtype, str, None] = None,
+    dtype: mx.Dtype | str | None = None,
     vision_backend: str = "mlx",
     cluster: Optional["Cluster"] = None,
-) -> Tuple[FastVLM, "FastVLMProcessor"]:
+) -> tuple[FastVLM, "FastVLMProcessor"]:
     """Load a FastVLM checkpoint of any supported format; returns (model, processor).
 
     ``dtype`` (``mx.bfloat16`` or ``"bfloat16"``, ...) is what the model computes in; by default the

@@ -12,7 +12,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import FIXTURES, assert_clean_error
 
 SRC = FIXTURES / "format_a"

@@ -13,11 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
 from conftest import FIXTURES, run_cli
 from precision import requires_linux_cpu_build
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = requires_linux_cpu_build  # the BLAS preload is for MLX's Linux CPU build only
 

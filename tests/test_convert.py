@@ -8,8 +8,8 @@ from conftest import FIXTURES, assert_clean_error, rel_err, run_cli
 from precision import EMBEDS_TOL, LOGITS_TOL, VISION_TOL
 
 from fastvlm_convert import convert_checkpoint
-from fastvlm_mlx.checkpoints import read_weights
 from fastvlm_mlx import FastVLMError, load
+from fastvlm_mlx.checkpoints import read_weights
 
 
 def logits_for(model, processor, meta, arrays):

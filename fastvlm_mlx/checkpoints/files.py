@@ -6,7 +6,6 @@ user with a half-downloaded or foreign checkpoint learns why before any weight i
 
 import json
 from pathlib import Path
-from typing import Dict
 
 import mlx.core as mx
 
@@ -57,7 +56,7 @@ def weight_files(path: Path) -> list:
     return files
 
 
-def _read_safetensors(file: Path) -> Dict[str, mx.array]:
+def _read_safetensors(file: Path) -> dict[str, mx.array]:
     """One safetensors file; a truncated or corrupt file is reported by name."""
     try:
         size = file.stat().st_size
@@ -76,7 +75,7 @@ def _read_safetensors(file: Path) -> Dict[str, mx.array]:
         raise FastVLMError(f"{file}: not a readable safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
-def read_weights(path: Path) -> Dict[str, mx.array]:
+def read_weights(path: Path) -> dict[str, mx.array]:
     weights = {}
     for file in weight_files(path):
         for key, value in _read_safetensors(file).items():

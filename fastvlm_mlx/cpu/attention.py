@@ -12,7 +12,6 @@ needs no BLAS.
 """
 
 import ctypes
-from typing import Optional
 
 import mlx.core as mx
 import numpy as np
@@ -47,8 +46,8 @@ def one_position_kernel():
 
 
 def one_position(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache_keys: mx.array, cache_values: mx.array,
-                 cached: int, positions: np.ndarray, inv_freq: np.ndarray, keep: Optional[np.ndarray],
-                 scale: float) -> Optional[tuple]:
+                 cached: int, positions: np.ndarray, inv_freq: np.ndarray, keep: np.ndarray | None,
+                 scale: float) -> tuple | None:
     """A decode step's attention: q (B, H, D), k and v (B, G, D) float32, the new position's projections before
     the rope; the cache's (B, G, capacity, D) key and value buffers holding ``cached`` positions; each sequence's
     position (B,); the rope's frequencies (it rotates the first 2 * len(inv_freq) dimensions, halves as in
@@ -76,7 +75,7 @@ def one_position(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache_keys: mx.arr
     return out.reshape(b, heads * dim), k_roped
 
 
-def blocked_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool = False) -> Optional[mx.array]:
+def blocked_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool = False) -> mx.array | None:
     """``formulas.attention_cpu``'s result for float32 (B, heads, L, D) q and (B, kv_heads, S, D) k, v, or
     None where the kernel cannot run (no compiler or BLAS, or inside mx.compile)."""
     found = kernel()

@@ -214,10 +214,9 @@ def is_reference(path) -> bool:
 def _try_load(path):
     try:
         lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-        lib.cblas_sgemm  # a library without cblas would not replace anything
-    except (OSError, AttributeError):
+    except OSError:
         return False
-    return True
+    return hasattr(lib, "cblas_sgemm")  # a library without cblas would not replace anything
 
 
 def load_fast_blas():

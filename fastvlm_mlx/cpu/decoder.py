@@ -12,13 +12,13 @@ prefill's BLAS matmuls take a widened copy.
 """
 
 import functools
-from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.models import qwen2
 from mlx_lm.models.base import scaled_dot_product_attention
+
 from ..lm_internals import become, filled_length, is_plain_kv_cache, is_quantized_cache
 from . import skinny
 from .attention import one_position
@@ -55,7 +55,7 @@ class CpuAttention(qwen2.Attention):
             out = attention(q, k, v, self.scale, causal=mask == "causal")
         return out.transpose(0, 2, 1, 3).reshape(b, length, -1)
 
-    def attend_one_position(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask, cache) -> Optional[np.ndarray]:
+    def attend_one_position(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask, cache) -> np.ndarray | None:
         """``attend`` for a decode step on NumPy rows, (sequences, width) in and out: the rope and the attention
         in ``attention.c``, which reads mlx-lm's cache as it is; the new key and value go into that cache
         without waiting for it. MLX's CPU rope and attention took ~0.4 ms a layer for these few thousand
@@ -74,7 +74,7 @@ class CpuAttention(qwen2.Attention):
         mx.async_eval(cache.keys, cache.values, *([cache.offset] if isinstance(cache.offset, mx.array) else []))
         return out
 
-    def _attend_cached(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask, cache) -> Optional[tuple]:
+    def _attend_cached(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask, cache) -> tuple | None:
         """(out, roped key) from the cache as it stands, or None. A function of its own so that its NumPy views
         of the cache's buffers are gone when the caller updates the cache (else MLX copies the whole buffer)."""
         cached = filled_length(cache)  # positions in the buffers
@@ -174,7 +174,7 @@ class CpuTransformerBlock(qwen2.TransformerBlock):
         h = h + _linear(_silu(_linear(hn, gate_proj)) * _linear(hn, up_proj), down_proj)
         return mx.array(h[:, None])  # evaluated: the next layer starts without waiting
 
-    def _decode_input(self, x: mx.array, cache) -> Optional[tuple]:
+    def _decode_input(self, x: mx.array, cache) -> tuple | None:
         """(x as a (sequences, hidden) NumPy array, each linear layer as a (weight memory, bias or None) pair) when
         this is a decode step the NumPy path takes, else None."""
         if x.ndim != 3 or x.shape[1] != 1 or not 0 < x.shape[0] <= skinny.MAX_ROWS or not on_cpu_float32(x):

@@ -8,8 +8,7 @@ forces a path (for tests and benchmarks).
 
 import ctypes
 import os
-from functools import lru_cache
-from typing import Optional
+from functools import cache
 
 import mlx.core as mx
 import numpy as np
@@ -48,7 +47,7 @@ def _toeplitz_tile(stride: int, out_width: int) -> int:
     return 16 if stride == 1 and 64 <= out_width <= 128 else 8
 
 
-@lru_cache(maxsize=None)
+@cache
 def _toeplitz_pattern(k: int, tile: int, stride: int):
     """Which kernel column feeds (input column a, output column t) of one tile, and whether any does."""
     span = stride * (tile - 1) + k
@@ -184,7 +183,7 @@ def to_channels_last(x: mx.array) -> mx.array:
 
 
 def depthwise_conv2d(
-    x: mx.array, weight: mx.array, stride: int = 1, channels_first: bool = False, impl: Optional[str] = None
+    x: mx.array, weight: mx.array, stride: int = 1, channels_first: bool = False, impl: str | None = None
 ) -> mx.array:
     """Grouped conv with one group per input channel ('same' padding, odd kernel), in x's layout.
 

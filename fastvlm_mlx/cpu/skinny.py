@@ -18,7 +18,6 @@ Environment variable FASTVLM_MLX_SKINNY: ``0``/``off``/``false``/``no`` keeps ML
 
 import ctypes
 import warnings
-from typing import Optional
 
 import mlx.core as mx
 import numpy as np
@@ -60,7 +59,7 @@ def kernels() -> dict:
     return _kernels
 
 
-def weight_memory(weight: mx.array) -> Optional[np.ndarray]:
+def weight_memory(weight: mx.array) -> np.ndarray | None:
     """An evaluated weight's memory as a NumPy array without a copy: float32 as it is, bfloat16 as its raw
     16-bit patterns (NumPy has no bfloat16); None for other dtypes or a weight that is not C-contiguous."""
     if weight.dtype == mx.float32:
@@ -72,7 +71,7 @@ def weight_memory(weight: mx.array) -> Optional[np.ndarray]:
     return None
 
 
-def matmul(x: mx.array, weight: mx.array) -> Optional[mx.array]:
+def matmul(x: mx.array, weight: mx.array) -> mx.array | None:
     """``x @ weight.T`` through the kernel for at most MAX_ROWS float32 rows on the CPU and a float32 or bfloat16
     weight; None where it does not apply (more rows, other dtypes or devices, a weight that is not contiguous,
     or inside mx.compile)."""
