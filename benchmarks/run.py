@@ -125,8 +125,12 @@ def bench_ours(spec: dict) -> dict:
     cpu_layer = uses_cpu_layer(dtype)
     if cpu_layer:
         from fastvlm_mlx.cpu.depthwise import depthwise_impl
-    info = dict(blas=fastvlm_mlx.BLAS_LIBRARY, cpu_layer=cpu_layer, depthwise=depthwise_impl() if cpu_layer else "native",
-                load="build + materialize random weights (no file I/O)")
+    info = dict(
+        blas=fastvlm_mlx.BLAS_LIBRARY,
+        cpu_layer=cpu_layer,
+        depthwise=depthwise_impl() if cpu_layer else "native",
+        load="build + materialize random weights (no file I/O)",
+    )
 
     if spec["profile"]:
         profiles = [_profile_vision(model, pixels, mx) for _ in range(max(1, spec["reps"]))]

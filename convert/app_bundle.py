@@ -180,7 +180,8 @@ def _tokenizer_json(source_dir: Path) -> dict:
         return json.loads(tokenizer.backend_tokenizer.to_str())
     except Exception as e:  # transformers raises many types for missing or broken tokenizer files
         raise FastVLMError(
-            f"{source_dir}: no tokenizer.json, and none could be built from its tokenizer files ({type(e).__name__}: {e})"
+            f"{source_dir}: no tokenizer.json, and none could be built from its tokenizer files "
+            f"({type(e).__name__}: {e})"
         ) from None
 
 
@@ -230,7 +231,9 @@ def add_image_token(source_dir: Path, directory: Path, vocab_size: int) -> int:
     tok_config["added_tokens_decoder"] = dict(sorted(decoder.items(), key=lambda kv: int(kv[0])))
 
     (directory / "tokenizer.json").write_text(json.dumps(tok, indent=2, ensure_ascii=False), encoding="utf-8")
-    (directory / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, ensure_ascii=False), encoding="utf-8")
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(tok_config, indent=2, ensure_ascii=False), encoding="utf-8"
+    )
     extra_path = source_dir / "added_tokens.json"  # slow tokenizers read added tokens from here
     if extra_path.is_file():
         extra = json.loads(extra_path.read_text(encoding="utf-8"))
@@ -264,7 +267,9 @@ def export_app_bundle(
     image_token_index = add_image_token(source_dir, directory, args.vocab_size)
     config = app_config(model, image_token_index)
     (directory / "config.json").write_text(json.dumps(config, indent=2))
-    (directory / "preprocessor_config.json").write_text(json.dumps(app_preprocessor_config(model.config.image_size), indent=2))
+    (directory / "preprocessor_config.json").write_text(
+        json.dumps(app_preprocessor_config(model.config.image_size), indent=2)
+    )
     (directory / "processor_config.json").write_text(
         json.dumps(app_processor_config(model.config.vision_config.patch_size), indent=2)
     )

@@ -50,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         quantize_projector: bool = typer.Option(False, "--quantize-projector", help="Quantize the projector too."),
         force: bool = typer.Option(False, "--force", help="Replace a non-empty destination."),
         coreml: bool = typer.Option(
-            False, "--coreml", help="Also export the vision encoder as fastvithd.mlpackage (CoreML) next to the weights."
+            False,
+            "--coreml",
+            help="Also export the vision encoder as fastvithd.mlpackage (CoreML) next to the weights.",
         ),
         coreml_only: bool = typer.Option(
             False,
@@ -58,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
             help="Only export the CoreML vision encoder of --hf-path (any checkpoint, converted or not) to "
             "--mlx-path/fastvithd.mlpackage, or to --mlx-path itself if it ends in .mlpackage.",
         ),
-        coreml_precision: str = typer.Option("float16", "--coreml-precision", help="CoreML compute precision: float16 or float32."),
+        coreml_precision: str = typer.Option(
+            "float16", "--coreml-precision", help="CoreML compute precision: float16 or float32."
+        ),
         coreml_image_input: bool = typer.Option(
             False, "--coreml-image-input", help="Take an RGB image (CVPixelBuffer) instead of a float tensor in [0, 1]."
         ),
@@ -100,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
 
             require_coremltools()  # fail before anything is read or written
             if coreml_precision not in PRECISIONS:
-                raise FastVLMError(f"--coreml-precision must be one of {', '.join(PRECISIONS)} (got {coreml_precision})")
+                raise FastVLMError(
+                    f"--coreml-precision must be one of {', '.join(PRECISIONS)} (got {coreml_precision})"
+                )
             if coreml_resolution is not None:
                 check_resolution(coreml_resolution)
             coreml_options = dict(

@@ -19,7 +19,9 @@ def quantize(model: nn.Module, bits: int, group_size: int, include_projector: bo
     prefixes = ("language_model.", "projector.") if include_projector else ("language_model.",)
 
     def wanted(path: str, module: nn.Module) -> bool:
-        return path.startswith(prefixes) and hasattr(module, "to_quantized") and module.weight.shape[-1] % group_size == 0
+        return (
+            path.startswith(prefixes) and hasattr(module, "to_quantized") and module.weight.shape[-1] % group_size == 0
+        )
 
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=wanted)
     return {"group_size": group_size, "bits": bits, "mode": "affine"}

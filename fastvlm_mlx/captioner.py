@@ -300,7 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         dtype: str | None = dtype_option(),
         source: str = typer.Option(..., "--input", "-i", help="Directory, glob, text file of paths, or JSONL file."),
         output: Path = typer.Option(..., "--output", "-o", help="JSONL file the records are appended to."),
-        prompt: str = typer.Option("Describe the image.", "--prompt", "-p", help="Prompt for inputs without their own."),
+        prompt: str = typer.Option(
+            "Describe the image.", "--prompt", "-p", help="Prompt for inputs without their own."
+        ),
         batch_size: int = typer.Option(8, "--batch-size", help="Images encoded and decoded together."),
         retry_errors: bool = typer.Option(
             False, "--retry-errors", help="Try the inputs whose record in --output is an error again."

@@ -128,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         image: list[str] | None = typer.Option(None, "--image", "-i", help="Image(s) for the first message."),
         system: str = typer.Option(DEFAULT_SYSTEM, "--system", help="System prompt ('' for none)."),
         image_cache_mb: int = typer.Option(256, "--image-cache-mb", help="Image-feature cache size (0 disables)."),
-        verbose: bool = typer.Option(False, "--verbose", "-v", help="Per turn: TTFT, vision time, cached and new positions."),
+        verbose: bool = typer.Option(
+            False, "--verbose", "-v", help="Per turn: TTFT, vision time, cached and new positions."
+        ),
         parallel: str = parallel_option(),
         connect_timeout: float = connect_timeout_option(),
         sampling: dict | None = None,

@@ -97,7 +97,13 @@ def build_model(config: ModelConfig, weights: dict[str, mx.array], where: str = 
             own = q.get(path)
             return {k: own[k] for k in ("group_size", "bits", "mode") if k in own} if isinstance(own, dict) else True
 
-        nn.quantize(model, group_size=q["group_size"], bits=q["bits"], mode=q.get("mode", "affine"), class_predicate=quantized_here)
+        nn.quantize(
+            model,
+            group_size=q["group_size"],
+            bits=q["bits"],
+            mode=q.get("mode", "affine"),
+            class_predicate=quantized_here,
+        )
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
@@ -195,7 +201,8 @@ def load(
     if coreml_tower is not None:
         if coreml_tower.resolution != model.config.image_size:
             raise FastVLMError(
-                f"{coreml_tower.source}: takes {coreml_tower.resolution}px images but the model uses {model.config.image_size}px"
+                f"{coreml_tower.source}: takes {coreml_tower.resolution}px images "
+                f"but the model uses {model.config.image_size}px"
             )
         model.vision_tower = coreml_tower  # a plain object: the MLX tower's weights are dropped
     processor = FastVLMProcessor.from_pretrained(path, model.config)

@@ -48,10 +48,14 @@ def _parts(message: dict, where: str) -> list[dict]:
             if not isinstance(part.get("text"), str):
                 raise FastVLMError(f"{where}, part {j}: a text part needs a string 'text'")
             if IMAGE_TOKEN in part["text"]:
-                raise FastVLMError(f"{where}, part {j}: the text contains {IMAGE_TOKEN}; pass images as image parts instead")
+                raise FastVLMError(
+                    f"{where}, part {j}: the text contains {IMAGE_TOKEN}; pass images as image parts instead"
+                )
         elif kind == "image":
             if part.get("image") is None:
-                raise FastVLMError(f"{where}, part {j}: an image part needs an 'image' (path, bytes, PIL image or array)")
+                raise FastVLMError(
+                    f"{where}, part {j}: an image part needs an 'image' (path, bytes, PIL image or array)"
+                )
         else:
             raise FastVLMError(f"{where}, part {j}: unknown part type {kind!r} (expected 'text' or 'image')")
     return content

@@ -151,7 +151,9 @@ class ChatSession:
         if meta.get("format") != SAVE_FORMAT:
             raise FastVLMError(f"{path}: unknown conversation format {meta.get('format')!r}")
         if meta.get("model") != model_fingerprint(model) or len(kv) != len(model.layers):
-            raise FastVLMError(f"{path}: this conversation was saved with a different model (or dtype); load that model")
+            raise FastVLMError(
+                f"{path}: this conversation was saved with a different model (or dtype); load that model"
+            )
         chat = cls(model, processor, system=meta["system"])
         chat.messages = [dict(m, content=_restored(m["content"])) for m in meta["messages"]]
         chat.cache = PromptCache(model, kv, [p if isinstance(p, int) else tuple(p) for p in meta["positions"]])

@@ -227,7 +227,11 @@ class FastViTHD(nn.Module):
 
     def parts(self):
         """The tower as (name, fn) steps, each taking what the previous returns (for per-stage profiles)."""
-        return [("stem", self.stem)] + [(f"stage{i}", s) for i, s in enumerate(self.stages)] + [("final_conv", self.final_conv)]
+        return (
+            [("stem", self.stem)]
+            + [(f"stage{i}", s) for i, s in enumerate(self.stages)]
+            + [("final_conv", self.final_conv)]
+        )
 
     def __call__(self, pixels: mx.array) -> mx.array:
         x = pixels

@@ -203,7 +203,11 @@ print(json.dumps({"loaded": blas.loaded, "bound": blas.bound_library(),
 
 def load_fixture_after(order, library=None, env_extra=None):
     """Run BOUND_SCRIPT in a fresh interpreter; its JSON result and its stderr."""
-    env = {k: v for k, v in os.environ.items() if k not in ("FASTVLM_MLX_BLAS", "FASTVLM_MLX_CPU", "FASTVLM_MLX_DTYPE", "LD_PRELOAD")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("FASTVLM_MLX_BLAS", "FASTVLM_MLX_CPU", "FASTVLM_MLX_DTYPE", "LD_PRELOAD")
+    }
     env.update(env_extra or {})
     args = [sys.executable, "-c", BOUND_SCRIPT, order, str(ROOT / "tests" / "fixtures" / "format_a"), library or ""]
     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=180)

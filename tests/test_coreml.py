@@ -202,7 +202,9 @@ def test_projector_and_image_input(ct, model, ref, tmp_path):
 
     from fastvlm_convert.coreml import export_coreml, load_program
 
-    path = export_coreml(model, tmp_path / "fastvithd.mlpackage", precision="float32", image_input=True, include_projector=True)
+    path = export_coreml(
+        model, tmp_path / "fastvithd.mlpackage", precision="float32", image_input=True, include_projector=True
+    )
     spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
     (inp,), (out,) = spec.description.input, spec.description.output
     assert inp.name == "images" and inp.type.WhichOneof("Type") == "imageType"
@@ -324,7 +326,8 @@ def test_coreml_backend_needs_macos():
 
 @pytest.mark.skipif(
     sys.platform != "darwin",
-    reason=f"CoreML prediction needs macOS (this is {sys.platform}); the package is checked by the MIL interpreter instead",
+    reason=f"CoreML prediction needs macOS (this is {sys.platform}); "
+    "the package is checked by the MIL interpreter instead",
 )
 def test_coreml_predict_on_macos(ct, model, packages, ref, mlx_features, tmp_path):
     import shutil
@@ -403,7 +406,10 @@ def test_cli_coreml_only(ct, tmp_path, capsys):
     inp = ct.models.MLModel(str(named), skip_model_load=True).get_spec().description.input[0]
     assert inp.type.WhichOneof("Type") == "multiArrayType"  # replaced by the --force run
 
-    assert main(["--hf-path", str(src), "--mlx-path", str(tmp_path / "x"), "--coreml-only", "--coreml-resolution", "100"]) == 1
+    assert (
+        main(["--hf-path", str(src), "--mlx-path", str(tmp_path / "x"), "--coreml-only", "--coreml-resolution", "100"])
+        == 1
+    )
     assert "multiple of 64" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
@@ -414,7 +420,10 @@ def test_cli_without_coremltools(tmp_path):
     import subprocess
 
     out = tmp_path / "mlx"
-    code = "import sys; sys.modules['coremltools'] = None; from fastvlm_mlx.convert import main; sys.exit(main(sys.argv[1:]))"
+    code = (
+        "import sys; sys.modules['coremltools'] = None; "
+        "from fastvlm_mlx.convert import main; sys.exit(main(sys.argv[1:]))"
+    )
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     for flags in (["--coreml"], ["--coreml-only"]):
         args = [sys.executable, "-c", code, "--hf-path", str(FIXTURES / "format_a"), "--mlx-path", str(out), *flags]
@@ -425,5 +434,7 @@ def test_cli_without_coremltools(tmp_path):
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="checks the error message off macOS")
 def test_generate_cli_coreml_backend_off_macos():
-    proc = run_cli("fastvlm_mlx.generate", "--model", str(FIXTURES / "format_a"), "--prompt", "hi", "--vision-backend", "coreml")
+    proc = run_cli(
+        "fastvlm_mlx.generate", "--model", str(FIXTURES / "format_a"), "--prompt", "hi", "--vision-backend", "coreml"
+    )
     assert_clean_error(proc, "macOS")

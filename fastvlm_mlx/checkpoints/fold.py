@@ -14,7 +14,9 @@ from ..errors import FastVLMError
 
 BN_EPS = 1e-5
 
-_POINTWISE = re.compile(r"vision_tower\..*(stem\.layers\.2|downsample\.pointwise|mlp\.fc[12]|se\.(reduce|expand))\.weight$")
+_POINTWISE = re.compile(
+    r"vision_tower\..*(stem\.layers\.2|downsample\.pointwise|mlp\.fc[12]|se\.(reduce|expand))\.weight$"
+)
 _LAYER_SCALE = re.compile(r"vision_tower\..*\.layer_scale(_1|_2)?$")
 
 

@@ -44,7 +44,10 @@ _PREFIXES = {
 # Vision names in stage form (after the network list is resolved) -> module tree.
 _VISION_RULES = [
     (r"stem\.(?:blocks\.)?(\d)\.reparam_conv\.(weight|bias)", r"stem.layers.\1.\2"),
-    (r"stages\.(\d+)\.downsample\.proj\.0\.(?:lkb_reparam|reparam_conv)\.(weight|bias)", r"stages.\1.downsample.conv.\2"),
+    (
+        r"stages\.(\d+)\.downsample\.proj\.0\.(?:lkb_reparam|reparam_conv)\.(weight|bias)",
+        r"stages.\1.downsample.conv.\2",
+    ),
     (r"stages\.(\d+)\.downsample\.proj\.1\.reparam_conv\.(weight|bias)", r"stages.\1.downsample.pointwise.\2"),
     (r"stages\.(\d+)\.pos_emb\.reparam_conv\.(weight|bias)", r"stages.\1.pos_emb.\2"),
     (r"(stages\.\d+\.blocks\.\d+)\.token_mixer\.reparam_conv\.(weight|bias)", r"\1.token_mixer.\2"),

@@ -85,7 +85,11 @@ def _image_size(fmt: str, config: dict, path: Path) -> int:
 def infer_vision_config(weights: dict[str, mx.array], image_size: int, head_dim: int = 32) -> VisionConfig:
     """FastViTHD's shape from its (renamed, MLX-layout) tensors."""
     stage_ids = sorted({int(m.group(1)) for k in weights for m in [re.match(r"vision_tower\.stages\.(\d+)\.", k)] if m})
-    if not stage_ids or stage_ids != list(range(len(stage_ids))) or "vision_tower.final_conv.conv.weight" not in weights:
+    if (
+        not stage_ids
+        or stage_ids != list(range(len(stage_ids)))
+        or "vision_tower.final_conv.conv.weight" not in weights
+    ):
         raise FastVLMError("vision tower tensors are incomplete (stages or final conv missing)")
     layers, dims, mixers, pos_embs, ratios = [], [], [], [], set()
     for s in stage_ids:

@@ -24,7 +24,12 @@ _kernel = None  # (the ctypes function, the sgemm address), or False where it ca
 def kernel():
     global _kernel
     if _kernel is None:
-        _kernel = native.blas_kernel("attention_f32", [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [ctypes.c_float] + [ctypes.c_int] * 2) or False
+        _kernel = (
+            native.blas_kernel(
+                "attention_f32", [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [ctypes.c_float] + [ctypes.c_int] * 2
+            )
+            or False
+        )
     return _kernel or None
 
 

@@ -269,7 +269,10 @@ def _thread_controls():
         lib = ctypes.CDLL(loaded)
     except OSError:
         return None
-    for get, set_ in (("openblas_get_num_threads", "openblas_set_num_threads"), ("MKL_Get_Max_Threads", "MKL_Set_Num_Threads")):
+    for get, set_ in (
+        ("openblas_get_num_threads", "openblas_set_num_threads"),
+        ("MKL_Get_Max_Threads", "MKL_Set_Num_Threads"),
+    ):
         if hasattr(lib, get) and hasattr(lib, set_):
             return getattr(lib, get), getattr(lib, set_)
     return None

@@ -105,7 +105,12 @@ def _kept_keys(mask, sequences: int, keys: int):
     does not take (additive ones, several query positions)."""
     if mask is None or isinstance(mask, str):  # "causal": the one new position sees the whole cache
         return None
-    if mask.dtype != mx.bool_ or mask.ndim not in (2, 4) or mask.shape[-1] != keys or mask.size // keys not in (1, sequences):
+    if (
+        mask.dtype != mx.bool_
+        or mask.ndim not in (2, 4)
+        or mask.shape[-1] != keys
+        or mask.size // keys not in (1, sequences)
+    ):
         return False
     kept = np.asarray(mask).reshape(-1, keys)
     return np.broadcast_to(kept, (sequences, keys))

@@ -25,7 +25,8 @@ from .attention import blocked_attention
 
 
 def _estrin(coeffs, u: mx.array) -> mx.array:
-    """sum(c_i * u**i) for up to 8 ascending coefficients: 3 multiply-add tiers deep, where Horner needs one per degree."""
+    """sum(c_i * u**i) for up to 8 ascending coefficients: 3 multiply-add tiers deep, where Horner needs one per
+    degree."""
     if len(coeffs) > 8:
         raise ValueError("_estrin takes at most 8 coefficients")
     u2 = u * u

@@ -54,8 +54,10 @@ def kernels() -> dict:
                 bf16.restype = ctypes.c_int  # -1: no memory for x's rows rearranged
                 _kernels = {np.dtype(np.float32): native.function("skinny_matmul", args), np.dtype(np.uint16): bf16}
             except Exception as e:  # noqa: BLE001 - a missing compiler must not stop the model
-                warnings.warn(f"fastvlm_mlx: decoding and attention use MLX's slower CPU ops: could not build the C kernels: {e}",
-                              stacklevel=2)
+                warnings.warn(
+                    f"fastvlm_mlx: decoding and attention use MLX's slower CPU ops: could not build the C kernels: {e}",
+                    stacklevel=2,
+                )
     return _kernels
 
 
