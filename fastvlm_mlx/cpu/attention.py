@@ -7,7 +7,7 @@ optimized BLAS (``blas.py``) for its two sgemm calls per block; without one (or 
 ``blocked_attention`` returns None and ``formulas.attention_cpu`` computes the same maths with MLX ops.
 
 A decode step's attention (``one_position``, for ``cpu.decoder``) is a few thousand multiply-adds a layer,
-which MLX's CPU ops took ~0.4 ms to schedule and run; the kernel reads the KV cache's memory as it is and
+which through MLX's CPU ops costs mostly scheduling and waiting; the kernel reads the KV cache's memory as it is and
 needs no BLAS.
 """
 

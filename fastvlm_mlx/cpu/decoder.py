@@ -26,8 +26,8 @@ from .formulas import attention, on_cpu_float32, swiglu
 
 
 class CpuAttention(qwen2.Attention):
-    """Steps of more than one position (the prefill) use ``formulas.attention``, whose softmax is 7x faster
-    than MLX's on the CPU; ``CpuTransformerBlock``'s decode steps use ``attend_one_position``; other one-token
+    """Steps of more than one position (the prefill) use ``formulas.attention``, whose softmax is vectorized
+    where MLX's CPU exp is scalar; ``CpuTransformerBlock``'s decode steps use ``attend_one_position``; other one-token
     steps, quantized KV caches, explicit mask arrays and other dtypes go to mlx-lm's own code."""
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
@@ -58,8 +58,8 @@ class CpuAttention(qwen2.Attention):
     def attend_one_position(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask, cache) -> np.ndarray | None:
         """``attend`` for a decode step on NumPy rows, (sequences, width) in and out: the rope and the attention
         in ``attention.c``, which reads mlx-lm's cache as it is; the new key and value go into that cache
-        without waiting for it. MLX's CPU rope and attention took ~0.4 ms a layer for these few thousand
-        floats. None where this does not apply (other caches, additive masks, other rope variants, no
+        without waiting for it. Through MLX's CPU ops these few thousand floats cost mostly scheduling and
+        waiting for MLX's stream. None where this does not apply (other caches, additive masks, other rope variants, no
         compiler): the caller then takes ``attend``."""
         if not is_plain_kv_cache(cache) or not _plain_rope(self.rope):
             return None
@@ -117,8 +117,8 @@ def _kept_keys(mask, sequences: int, keys: int):
 
 
 class CpuMLP(qwen2.MLP):
-    """The SiLU gate is ``formulas.swiglu``: 7x faster than MLX's scalar sigmoid on the CPU, which took a
-    quarter of a 300-position prefill."""
+    """The SiLU gate is ``formulas.swiglu``, vectorized: MLX's CPU sigmoid is scalar, which made the gate a large
+    share of a prefill."""
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
@@ -157,10 +157,10 @@ class CpuTransformerBlock(qwen2.TransformerBlock):
     """A decode step (one position of at most 8 sequences) with its norms, SiLU gate and residuals in NumPy.
 
     These are a few thousand floats per step, but handing each matmul's input from MLX to ``skinny`` means
-    waiting for MLX's CPU stream (70-250 us on a 2-vCPU machine, most of it waking the idle vCPU), four
-    times a layer. With the small maths in NumPy and the rope and attention in ``attention.c``
-    (``CpuAttention.attend_one_position``), a layer does not wait for MLX at all: the new key and value go into
-    mlx-lm's KV cache asynchronously. Other caches and masks take mlx-lm's attention, one wait a layer.
+    waiting for MLX's CPU stream (most of it the time to wake its idle thread), four times a layer. With the
+    small maths in NumPy and the rope and attention in ``attention.c`` (``CpuAttention.attend_one_position``),
+    a layer does not wait for MLX at all: the new key and value go into mlx-lm's KV cache asynchronously.
+    Other caches and masks take mlx-lm's attention, one wait a layer.
     Prefills, and layers that are sharded, quantized or not float32, run as mlx-lm's block does."""
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:

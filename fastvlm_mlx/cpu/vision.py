@@ -71,7 +71,7 @@ def pointwise(layer: nn.Linear, x: mx.array, channels_first: bool) -> mx.array:
 
 def _conv3x3_s2_channels_first(conv: nn.Conv2d, x: mx.array) -> mx.array:
     """The stem's dense 3x3 stride-2 conv from an NHWC image straight to NCHW output, as one GEMM over
-    9*C_in-row patches (transposing the conv's NHWC output instead costs 5x the conv)."""
+    9*C_in-row patches (transposing the conv's NHWC output instead costs more than the conv)."""
     b, h, w, c = x.shape
     ho, wo = (h + 1) // 2, (w + 1) // 2
     hp, wp = 2 * ho + 1, 2 * wo + 1
@@ -159,7 +159,8 @@ def stage(block: Stage, x: mx.array, channels_first: bool) -> mx.array:
         return x
     if blocks_in_two_streams(channels_first):
         # The blocks run as two halves in two streams; their GEMMs must run with one BLAS thread each,
-        # so they are evaluated here, inside that setting: 64x64x384 blocks 77 -> 68 ms, 128x128x192 101 -> 85 ms.
+        # so they are evaluated here, inside that setting (two streams of multi-threaded GEMMs would fight for the
+        # cores).
         mx.eval(x)
         with blas_threads(1):
             for b in block.blocks:
@@ -199,8 +200,7 @@ class CpuFastViTHD(FastViTHD):
 
     def __call__(self, pixels: mx.array, channels_first: bool | None = None) -> mx.array:
         """Several images go through one at a time: at 1024 px one image already makes every GEMM large,
-        and 8 images in one pass measured 8.3 s per image against 6.1 s alone (their activations
-        outgrow the caches)."""
+        and several images in one pass take longer per image (their activations outgrow the caches)."""
         if pixels.shape[0] > 1:
             features = []
             for i in range(pixels.shape[0]):
