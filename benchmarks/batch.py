@@ -215,10 +215,21 @@ def _compare(a, argv, model: Path, folder: Path, scratch: Path, peers: list, siz
     for x in sorted(folder.glob("*.jpg"))[: a.peer_images]:
         (peer_folder / x.name).symlink_to(x)
 
-    print(json.dumps(dict(benchmark="fastvlm-batch", command=" ".join(["python -m benchmarks.batch"] + (argv or sys.argv[1:])),
-                          date=time.strftime("%Y-%m-%d %H:%M"), machine=_machine(), model_size=a.model_size,
-                          resolution=a.resolution, max_tokens=a.max_tokens,
-                          weights=None if a.smoke else a.weights)), flush=True)
+    print(
+        json.dumps(
+            dict(
+                benchmark="fastvlm-batch",
+                command=" ".join(["python -m benchmarks.batch"] + (argv or sys.argv[1:])),
+                date=time.strftime("%Y-%m-%d %H:%M"),
+                machine=_machine(),
+                model_size=a.model_size,
+                resolution=a.resolution,
+                max_tokens=a.max_tokens,
+                weights=None if a.smoke else a.weights,
+            )
+        ),
+        flush=True,
+    )
     rows = []
     for batch in sizes:
         row = dict(batch=batch, ours=run_ours(model, ours_folder, batch, a.max_tokens))

@@ -31,7 +31,9 @@ def measure(env_value, size, reps):
         env.pop("FASTVLM_MLX_BLAS", None)
     else:
         env["FASTVLM_MLX_BLAS"] = env_value
-    out = subprocess.run([sys.executable, "-c", CHILD, str(size), str(reps)], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(size), str(reps)], env=env, capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -43,6 +43,7 @@ def _model_config(spec):
 
 def bench_ours(spec: dict) -> dict:
     import fastvlm_mlx  # noqa: F401  (the CPU preload, before mlx.core)
+    # isort: split
     import mlx.core as mx
     import numpy as np
 

@@ -63,7 +63,7 @@ def torch_worker(size: str, rows: list, reps: int) -> None:
     for r in rows:
         x = {w.shape[1]: torch.randn(r, w.shape[1]) for w in weights}
         with torch.inference_mode():
-            times[r] = best_step(lambda: [x[w.shape[1]] @ w.T for w in weights], reps)
+            times[r] = best_step(lambda x=x: [x[w.shape[1]] @ w.T for w in weights], reps)
     print(json.dumps(times))
 
 
@@ -79,6 +79,7 @@ def main():
         return torch_worker(args.model_size, rows_list, args.reps)
 
     import fastvlm_mlx  # noqa: F401 - before mlx.core, so that MLX binds to the optimized BLAS
+    # isort: split
     import mlx.core as mx
 
     from fastvlm_mlx.cpu import skinny
@@ -96,8 +97,8 @@ def main():
         x = {w.shape[1]: mx.random.normal((rows, w.shape[1])) for w in weights}
         mx.eval(list(x.values()))
         cases = {
-            "mlx": lambda: mx.eval([x[w.shape[1]] @ w.T for w in weights]),
-            "ours": lambda: [skinny.matmul(x[w.shape[1]], w) for w in weights],
+            "mlx": lambda x=x: mx.eval([x[w.shape[1]] @ w.T for w in weights]),
+            "ours": lambda x=x: [skinny.matmul(x[w.shape[1]], w) for w in weights],
         }
         result = {"rows": rows}
         seconds = {name: best_step(matmuls, args.reps) for name, matmuls in cases.items()}

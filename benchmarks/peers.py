@@ -91,8 +91,7 @@ def build_hf(size: str, resolution: int):
     The vision tower gets PyTorch's default initialisation (what ``timm.create_model`` gives its convolutions)
     in place of transformers' normal(0, 0.02). With transformers' init the tower's activations shrink through
     subnormal floats to zero by stage 2, which PyTorch's CPU kernels compute many times slower on Intel CPUs
-    (42 s against 3.8 s for one 1024 px image on a 2-core Xeon, benchmarks/RESULTS.md), a cost that
-    no trained checkpoint has.
+    (benchmarks/RESULTS.md), a cost that no trained checkpoint has.
     """
     import torch
     from transformers import FastVlmConfig, FastVlmForConditionalGeneration

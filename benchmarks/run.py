@@ -55,7 +55,7 @@ def _profile_vision(model, pixels, mx):
 
 def bench_ours(spec: dict) -> dict:
     import fastvlm_mlx  # loads the optimized BLAS before mlx.core
-
+    # isort: split
     import mlx.core as mx
     import mlx.nn as nn
     from mlx_lm.generate import generate_step
@@ -125,8 +125,12 @@ def bench_ours(spec: dict) -> dict:
     cpu_layer = uses_cpu_layer(dtype)
     if cpu_layer:
         from fastvlm_mlx.cpu.depthwise import depthwise_impl
-    info = dict(blas=fastvlm_mlx.BLAS_LIBRARY, cpu_layer=cpu_layer, depthwise=depthwise_impl() if cpu_layer else "native",
-                load="build + materialize random weights (no file I/O)")
+    info = dict(
+        blas=fastvlm_mlx.BLAS_LIBRARY,
+        cpu_layer=cpu_layer,
+        depthwise=depthwise_impl() if cpu_layer else "native",
+        load="build + materialize random weights (no file I/O)",
+    )
 
     if spec["profile"]:
         profiles = [_profile_vision(model, pixels, mx) for _ in range(max(1, spec["reps"]))]
@@ -207,7 +211,7 @@ def run_system(system: str, spec: dict) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     wall = time.perf_counter() - t0
-    lines = [l for l in proc.stdout.splitlines() if l.startswith(MARK)]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(MARK)]
     if proc.returncode != 0 or not lines:
         return {"system": system, "error": f"worker exited with {proc.returncode}", "wall_s": round(wall, 1)}
     raw = json.loads(lines[-1][len(MARK):])

@@ -96,7 +96,17 @@ def start(system: str, model: Path, max_batch: int, extra=()):
         cmd = [sys.executable, "-m", "fastvlm_mlx.server", "--model", str(model), "--port", str(port),
                "--max-batch", str(max_batch), *extra]
     else:
-        cmd = [sys.executable, "-m", "mlx_vlm.server", "--model", str(model), "--host", "127.0.0.1", "--port", str(port)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mlx_vlm.server",
+            "--model",
+            str(model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
     log = open(f"/tmp/fastvlm-bench-{system}.log", "w")
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     if system != "ours":  # the same optimized BLAS that fastvlm_mlx loads for itself (ld.so binds it first)
@@ -172,8 +182,14 @@ def run_level(port, model_name, urls, concurrency, max_tokens, log: Path = None)
     offset = log.stat().st_size if log else 0
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(lambda i: one_request(client, model_name, urls[i], f"Describe picture {i} ({concurrency}).", max_tokens),
-                                range(len(urls) - 1)))
+        results = list(
+            pool.map(
+                lambda i: one_request(
+                    client, model_name, urls[i], f"Describe picture {i} ({concurrency}).", max_tokens
+                ),
+                range(len(urls) - 1),
+            )
+        )
     wall = time.perf_counter() - t0
     ttfts = [r[0] for r in results]
     if log:  # mlx-vlm streams no chunk until text appears (random weights: often only the last one); use its own figure
@@ -247,9 +263,18 @@ def main(argv=None) -> int:
     levels = [int(c) for c in a.concurrency.split(",")]
     # new pictures and questions at every level, so no level is served from an earlier level's caches
     urls = {c: images(a.requests + 1, resolution, seed=c) for c in levels}
-    print(json.dumps({"benchmark": "fastvlm-server", "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-                      "command": " ".join(["python -m benchmarks.server"] + (argv if argv is not None else sys.argv[1:])),
-                      "cpu_count": os.cpu_count(), "checkpoint": str(model)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "benchmark": "fastvlm-server",
+                "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+                "command": " ".join(["python -m benchmarks.server"] + (argv if argv is not None else sys.argv[1:])),
+                "cpu_count": os.cpu_count(),
+                "checkpoint": str(model),
+            }
+        ),
+        flush=True,
+    )
     if a.memory:
         image_mb, prompt_mb = a.cache_mb.split(",")
         proc, port = start("ours", model, 1, ["--image-cache-mb", image_mb, "--prompt-cache-mb", prompt_mb])
@@ -266,7 +291,9 @@ def main(argv=None) -> int:
         try:
             name = str(model)
             log = None if system == "ours" else Path(f"/tmp/fastvlm-bench-{system}.log")
-            records[system] = [dict(system=system, **run_level(port, name, urls[c], c, a.max_tokens, log)) for c in levels]
+            records[system] = [
+                dict(system=system, **run_level(port, name, urls[c], c, a.max_tokens, log)) for c in levels
+            ]
         finally:
             proc.terminate()
             try:

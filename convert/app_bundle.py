@@ -26,8 +26,8 @@ transformers.
 
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -62,7 +62,7 @@ COPIED_FILES = (
 # weights and config
 
 
-def app_weights(model: FastVLM) -> Dict[str, mx.array]:
+def app_weights(model: FastVLM) -> dict[str, mx.array]:
     """The tensors of the Swift model: ``language_model.*`` as is, the projector renamed, no vision tower.
 
     Quantized layers keep their ``.scales`` / ``.biases``; the app quantizes exactly the layers that have them.
@@ -150,7 +150,7 @@ def app_processor_config(patch_size: int) -> dict:
     }
 
 
-def app_compatibility_problems(model: FastVLM) -> List[str]:
+def app_compatibility_problems(model: FastVLM) -> list[str]:
     """What in this model the app's Swift code would stop at (its shapes are hard-coded for FastVLM at 1024px)."""
     shape = (1, model.config.num_image_tokens, model.config.mm_hidden_size)
     if shape == APP_IMAGE_FEATURES_SHAPE:
@@ -180,11 +180,12 @@ def _tokenizer_json(source_dir: Path) -> dict:
         return json.loads(tokenizer.backend_tokenizer.to_str())
     except Exception as e:  # transformers raises many types for missing or broken tokenizer files
         raise FastVLMError(
-            f"{source_dir}: no tokenizer.json, and none could be built from its tokenizer files ({type(e).__name__}: {e})"
+            f"{source_dir}: no tokenizer.json, and none could be built from its tokenizer files "
+            f"({type(e).__name__}: {e})"
         ) from None
 
 
-def _added_token_entry(token_id: Optional[int]) -> dict:
+def _added_token_entry(token_id: int | None) -> dict:
     flags = dict(single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)  # as Qwen2's own
     entry = {"content": IMAGE_TOKEN, **flags}
     return entry if token_id is None else {"id": token_id, **entry}
@@ -230,7 +231,9 @@ def add_image_token(source_dir: Path, directory: Path, vocab_size: int) -> int:
     tok_config["added_tokens_decoder"] = dict(sorted(decoder.items(), key=lambda kv: int(kv[0])))
 
     (directory / "tokenizer.json").write_text(json.dumps(tok, indent=2, ensure_ascii=False), encoding="utf-8")
-    (directory / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, ensure_ascii=False), encoding="utf-8")
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(tok_config, indent=2, ensure_ascii=False), encoding="utf-8"
+    )
     extra_path = source_dir / "added_tokens.json"  # slow tokenizers read added tokens from here
     if extra_path.is_file():
         extra = json.loads(extra_path.read_text(encoding="utf-8"))
@@ -247,7 +250,7 @@ def export_app_bundle(
     source_dir: Path,
     directory: Path,
     coreml_precision: str = "float16",
-    warn: Optional[Callable[[str], None]] = None,
+    warn: Callable[[str], None] | None = None,
 ) -> None:
     """Write the app's model folder into ``directory`` (an existing, empty directory, e.g. an atomic write's).
 
@@ -264,7 +267,9 @@ def export_app_bundle(
     image_token_index = add_image_token(source_dir, directory, args.vocab_size)
     config = app_config(model, image_token_index)
     (directory / "config.json").write_text(json.dumps(config, indent=2))
-    (directory / "preprocessor_config.json").write_text(json.dumps(app_preprocessor_config(model.config.image_size), indent=2))
+    (directory / "preprocessor_config.json").write_text(
+        json.dumps(app_preprocessor_config(model.config.image_size), indent=2)
+    )
     (directory / "processor_config.json").write_text(
         json.dumps(app_processor_config(model.config.vision_config.patch_size), indent=2)
     )
@@ -277,13 +282,13 @@ def convert_app_bundle(
     src: Path,
     dst: Path,
     dtype: str = "float16",
-    quantize_bits: Optional[int] = None,
+    quantize_bits: int | None = None,
     group_size: int = 64,
     quantize_projector: bool = False,
     coreml_precision: str = "float16",
     force: bool = False,
     progress: Callable[[str], None] = lambda step: None,
-    warn: Optional[Callable[[str], None]] = None,
+    warn: Callable[[str], None] | None = None,
 ) -> FastVLM:
     """Convert ``src`` (any supported format) into the app's model folder ``dst``, atomically; returns the model.
 

@@ -2,7 +2,6 @@
 
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 from fastvlm_mlx.errors import FastVLMError, exit_on_user_error
 
@@ -11,9 +10,9 @@ def _export_coreml_only(src: Path, dst: Path, options: dict, force: bool) -> Non
     """--coreml-only: the vision encoder of any checkpoint -> a .mlpackage, nothing else."""
     import mlx.core as mx
 
-    from .coreml import PACKAGE_NAME, export_coreml
-
     from fastvlm_mlx.loader import load_model
+
+    from .coreml import PACKAGE_NAME, export_coreml
 
     package = dst if dst.suffix == ".mlpackage" else dst / PACKAGE_NAME
     if package.exists() and not force:
@@ -27,7 +26,7 @@ def _export_coreml_only(src: Path, dst: Path, options: dict, force: bool) -> Non
 STEPS = ("reading checkpoint", "building model", "writing")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     import typer
     from tqdm import tqdm
 
@@ -51,7 +50,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         quantize_projector: bool = typer.Option(False, "--quantize-projector", help="Quantize the projector too."),
         force: bool = typer.Option(False, "--force", help="Replace a non-empty destination."),
         coreml: bool = typer.Option(
-            False, "--coreml", help="Also export the vision encoder as fastvithd.mlpackage (CoreML) next to the weights."
+            False,
+            "--coreml",
+            help="Also export the vision encoder as fastvithd.mlpackage (CoreML) next to the weights.",
         ),
         coreml_only: bool = typer.Option(
             False,
@@ -59,14 +60,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             help="Only export the CoreML vision encoder of --hf-path (any checkpoint, converted or not) to "
             "--mlx-path/fastvithd.mlpackage, or to --mlx-path itself if it ends in .mlpackage.",
         ),
-        coreml_precision: str = typer.Option("float16", "--coreml-precision", help="CoreML compute precision: float16 or float32."),
+        coreml_precision: str = typer.Option(
+            "float16", "--coreml-precision", help="CoreML compute precision: float16 or float32."
+        ),
         coreml_image_input: bool = typer.Option(
             False, "--coreml-image-input", help="Take an RGB image (CVPixelBuffer) instead of a float tensor in [0, 1]."
         ),
         coreml_include_projector: bool = typer.Option(
             False, "--coreml-include-projector", help="Run the projector in CoreML too (output image_embeddings)."
         ),
-        coreml_resolution: Optional[int] = typer.Option(
+        coreml_resolution: int | None = typer.Option(
             None, "--coreml-resolution", help="Input size of the CoreML encoder (default: the model's image size)."
         ),
         app_bundle: bool = typer.Option(
@@ -76,9 +79,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             "llava_qwen2 config, LLM and projector weights, tokenizer with <image>, fastvithd.mlpackage.",
         ),
     ):
-        from .writer import convert_checkpoint
-
         from fastvlm_mlx.loader import resolve_path
+
+        from .writer import convert_checkpoint
 
         if app_bundle:
             given = {
@@ -101,7 +104,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             require_coremltools()  # fail before anything is read or written
             if coreml_precision not in PRECISIONS:
-                raise FastVLMError(f"--coreml-precision must be one of {', '.join(PRECISIONS)} (got {coreml_precision})")
+                raise FastVLMError(
+                    f"--coreml-precision must be one of {', '.join(PRECISIONS)} (got {coreml_precision})"
+                )
             if coreml_resolution is not None:
                 check_resolution(coreml_resolution)
             coreml_options = dict(

@@ -24,7 +24,6 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Union
 
 import numpy as np
 
@@ -100,7 +99,7 @@ class _Emitter:
 
     # -- convolutions ---------------------------------------------------------------------------------
 
-    def conv(self, x, path: str, weight_ohwi: np.ndarray, bias: Optional[np.ndarray], stride: int = 1, groups: int = 1):
+    def conv(self, x, path: str, weight_ohwi: np.ndarray, bias: np.ndarray | None, stride: int = 1, groups: int = 1):
         """nn.Conv2d / grouped conv with 'same' padding (k // 2), MLX OHWI weights -> OIHW."""
         k = weight_ohwi.shape[1]
         p = k // 2
@@ -262,7 +261,7 @@ def check_resolution(resolution: int, patch_size: int = 64) -> None:
         raise FastVLMError(f"CoreML resolution must be a positive multiple of {patch_size} (got {resolution})")
 
 
-def build_program(model, resolution: Optional[int] = None, include_projector: bool = False):
+def build_program(model, resolution: int | None = None, include_projector: bool = False):
     """The MIL program (fp32, before coremltools' passes) for a FastVLM's or FastViTHD's vision encoder."""
     ct = require_coremltools()
     from coremltools.converters.mil import Builder as mb
@@ -342,7 +341,7 @@ def convert_program(prog, resolution: int, precision: str = "float16", image_inp
 
 def export_mlmodel(
     model,
-    resolution: Optional[int] = None,
+    resolution: int | None = None,
     precision: str = "float16",
     image_input: bool = False,
     include_projector: bool = False,
@@ -381,8 +380,8 @@ def save_package(mlmodel, dst: Path, force: bool = False) -> Path:
 
 def export_coreml(
     model,
-    output: Union[str, Path],
-    resolution: Optional[int] = None,
+    output: str | Path,
+    resolution: int | None = None,
     precision: str = "float16",
     image_input: bool = False,
     include_projector: bool = False,
@@ -398,7 +397,7 @@ def export_coreml(
     return save_package(mlmodel, output, force)
 
 
-def load_program(package: Union[str, Path]):
+def load_program(package: str | Path):
     """The MIL program stored in a saved .mlpackage (after coremltools' optimisation passes), as pymil.
 
     Works without a Mac: the package is read with ``skip_model_load=True`` and its protobuf

@@ -1,13 +1,12 @@
 """Decoder quantization with MLX's own affine quantization; the vision tower always stays in floating point."""
 
-from typing import Optional
 
 import mlx.nn as nn
 
 from fastvlm_mlx.errors import FastVLMError
 
 
-def quantize(model: nn.Module, bits: int, group_size: int, include_projector: bool = False) -> Optional[dict]:
+def quantize(model: nn.Module, bits: int, group_size: int, include_projector: bool = False) -> dict | None:
     """Quantize the language model's (and optionally the projector's) Linear/Embedding layers in place.
 
     Layers whose input width is not a multiple of ``group_size`` stay in floating point, as in mlx-lm.
@@ -20,7 +19,9 @@ def quantize(model: nn.Module, bits: int, group_size: int, include_projector: bo
     prefixes = ("language_model.", "projector.") if include_projector else ("language_model.",)
 
     def wanted(path: str, module: nn.Module) -> bool:
-        return path.startswith(prefixes) and hasattr(module, "to_quantized") and module.weight.shape[-1] % group_size == 0
+        return (
+            path.startswith(prefixes) and hasattr(module, "to_quantized") and module.weight.shape[-1] % group_size == 0
+        )
 
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=wanted)
     return {"group_size": group_size, "bits": bits, "mode": "affine"}

@@ -10,9 +10,9 @@ import os
 import secrets
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Optional
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -73,7 +73,7 @@ def atomic_directory(dst: Path, force: bool) -> Iterator[Path]:
         raise
 
 
-def save_weights(weights: Dict[str, mx.array], directory: Path) -> None:
+def save_weights(weights: dict[str, mx.array], directory: Path) -> None:
     """Safetensors shards of at most SHARD_BYTES, with an index when there is more than one."""
     shards, current, size = [], {}, 0
     for key, value in weights.items():
@@ -98,7 +98,7 @@ def save_weights(weights: Dict[str, mx.array], directory: Path) -> None:
 def prepare_model(
     src: Path,
     dtype: str = "float16",
-    quantize_bits: Optional[int] = None,
+    quantize_bits: int | None = None,
     group_size: int = 64,
     quantize_projector: bool = False,
     progress: Callable[[str], None] = lambda step: None,
@@ -132,7 +132,7 @@ def convert_into(
     dst: Path,
     write: Callable[[FastVLM, Path], None],
     dtype: str,
-    quantize_bits: Optional[int],
+    quantize_bits: int | None,
     group_size: int,
     quantize_projector: bool,
     force: bool,
@@ -153,12 +153,12 @@ def convert_checkpoint(
     src: Path,
     dst: Path,
     dtype: str = "float16",
-    quantize_bits: Optional[int] = None,
+    quantize_bits: int | None = None,
     group_size: int = 64,
     quantize_projector: bool = False,
     force: bool = False,
     progress: Callable[[str], None] = lambda step: None,
-    extra_export: Optional[Callable[[FastVLM, Path], None]] = None,
+    extra_export: Callable[[FastVLM, Path], None] | None = None,
 ) -> FastVLM:
     """Convert ``src`` (any supported format) into an MLX directory at ``dst``; returns the converted model.
 

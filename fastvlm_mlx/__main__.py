@@ -2,7 +2,6 @@
 
 import importlib
 import sys
-from typing import List, Optional
 
 # command -> (module with its main(), what it does); each is also a console script, fastvlm-COMMAND
 COMMANDS = {
@@ -25,7 +24,7 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if not args or args[0] in ("-h", "--help", "help"):
         print(usage())

@@ -10,9 +10,8 @@ conversation goes on.
 """
 
 import sys
-from typing import Callable, List, Optional
+from collections.abc import Callable
 
-from . import distributed
 from .errors import FastVLMError
 from .processor import DEFAULT_SYSTEM
 
@@ -33,7 +32,7 @@ class ChatREPL:
     def __init__(self, chat, sampling: dict, verbose: bool = False, out=sys.stdout, err=sys.stderr):
         self.chat, self.sampling, self.verbose = chat, sampling, verbose
         self.out, self.err = out, err
-        self.images: List[str] = []
+        self.images: list[str] = []
 
     def handle(self, line: str) -> bool:
         """One line of input; returns False when the session should end."""
@@ -102,12 +101,20 @@ class ChatREPL:
             print(_stats_line(last), file=self.err, flush=True)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     import typer
 
-    from .cli import dtype_option, image_argument, sampling_options, use_one_line_warnings
+    from .cli import (
+        connect_timeout_option,
+        dtype_option,
+        image_argument,
+        model_option,
+        parallel_option,
+        run_ranked,
+        sampling_options,
+        use_one_line_warnings,
+    )
     from .errors import exit_on_user_error
-    from .loader import DEFAULT_MODEL, load
 
     use_one_line_warnings()
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -116,31 +123,29 @@ def main(argv: Optional[List[str]] = None) -> int:
     @exit_on_user_error
     @sampling_options
     def run(
-        model_path: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model directory or Hugging Face repo id."),
-        dtype: Optional[str] = dtype_option(),
-        image: Optional[List[str]] = typer.Option(None, "--image", "-i", help="Image(s) for the first message."),
+        model_path: str = model_option(),
+        dtype: str | None = dtype_option(),
+        image: list[str] | None = typer.Option(None, "--image", "-i", help="Image(s) for the first message."),
         system: str = typer.Option(DEFAULT_SYSTEM, "--system", help="System prompt ('' for none)."),
         image_cache_mb: int = typer.Option(256, "--image-cache-mb", help="Image-feature cache size (0 disables)."),
-        verbose: bool = typer.Option(False, "--verbose", "-v", help="Per turn: TTFT, vision time, cached and new positions."),
-        parallel: str = typer.Option("tensor", "--parallel", help=distributed.PARALLEL_HELP),
-        connect_timeout: float = typer.Option(distributed.DEFAULT_CONNECT_TIMEOUT, "--connect-timeout",
-                                              help=distributed.CONNECT_HELP),
-        sampling: Optional[dict] = None,
+        verbose: bool = typer.Option(
+            False, "--verbose", "-v", help="Per turn: TTFT, vision time, cached and new positions."
+        ),
+        parallel: str = parallel_option(),
+        connect_timeout: float = connect_timeout_option(),
+        sampling: dict | None = None,
     ):
-        from .engine import engine_for
         from .session import ChatSession
 
         images = [image_argument(i) for i in image or []]  # a bad image fails before the model loads, as in generate
-        cluster = distributed.start(parallel, connect_timeout)
-        model, processor = load(model_path, dtype=dtype, cluster=cluster)
-        engine = engine_for(model, processor, image_cache_bytes=image_cache_mb << 20)
-        if not distributed.follow_or_lead(cluster, engine):
-            return  # a follower rank: rank 0 reads the input and prints
-        with distributed.leading(cluster):
-            # the model's shared engine: on the leader of a split model, the Replica that follow_or_lead set
-            repl = ChatREPL(ChatSession(model, processor, system=system or None), sampling, verbose)
+
+        def converse(engine) -> None:
+            chat = ChatSession(engine.model, engine.processor, system=system or None, engine=engine)
+            repl = ChatREPL(chat, sampling, verbose)
             repl.images = images
             _converse(repl)
+
+        run_ranked(converse, model_path, parallel, connect_timeout, dtype=dtype, image_cache_bytes=image_cache_mb << 20)
 
     app(args=argv)
     return 0
@@ -160,7 +165,7 @@ def line_reader(interactive: bool, **session_options) -> Callable[[], str]:
     return lambda: session.prompt(">> ") + "\n"
 
 
-def _converse(repl: ChatREPL, read: Optional[Callable[[], str]] = None) -> None:
+def _converse(repl: ChatREPL, read: Callable[[], str] | None = None) -> None:
     """Read and handle lines until /quit, the end of input, or Ctrl-C / Ctrl-D at the prompt."""
     interactive = read is not None or sys.stdin.isatty()
     if read is None:

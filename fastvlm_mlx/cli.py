@@ -1,8 +1,10 @@
-"""What the command lines share: one set of sampling flags, image arguments, one-line warnings.
+"""What the command lines share: the common options, one set of sampling flags, the ranked run, image
+arguments, one-line warnings.
 
 Every command (generate, chat, batch, server) takes the sampling flags from ``sampling_options``, so their
 names and defaults are the same everywhere, and the defaults are those of ``engine.Sampling``, which the
-Python API uses too.
+Python API uses too.  ``run_ranked`` is what a command that loads a model does, alone or as one rank of
+several: a new command is its options and the function its leader runs.
 """
 
 import contextlib
@@ -13,9 +15,12 @@ import os
 import sys
 import typing
 import warnings
-from typing import Optional
+from collections.abc import Callable
+from typing import TypeVar
 
 from .errors import FastVLMError
+
+T = TypeVar("T")
 
 # name -> (flags, help); types and defaults come from engine.Sampling
 SAMPLING_FLAGS = {
@@ -92,6 +97,15 @@ def sampling_options(command):
     return with_sampling
 
 
+def model_option():
+    """``--model``/``-m``, the same in every command that loads a model."""
+    import typer
+
+    from .loader import DEFAULT_MODEL
+
+    return typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model directory or Hugging Face repo id.")
+
+
 def dtype_option():
     """``--dtype``, the same in every command that loads a model."""
     import typer
@@ -99,10 +113,59 @@ def dtype_option():
     return typer.Option(None, "--dtype", help=DTYPE_HELP)
 
 
+def parallel_option(default: str = "tensor", help_text: str | None = None):
+    """``--parallel``: how the ranks share the work under ``mlx.launch``."""
+    import typer
+
+    from .distributed import PARALLEL_HELP
+
+    return typer.Option(default, "--parallel", help=help_text or PARALLEL_HELP)
+
+
+def connect_timeout_option():
+    """``--connect-timeout``: how long a rank waits for the others."""
+    import typer
+
+    from .distributed import CONNECT_HELP, DEFAULT_CONNECT_TIMEOUT
+
+    return typer.Option(DEFAULT_CONNECT_TIMEOUT, "--connect-timeout", help=CONNECT_HELP)
+
+
 def _option(default, flags, help_text):
     import typer
 
     return typer.Option(default, *flags, help=help_text)
+
+
+# ------------------------------------------------------------------------------------ ranked run
+def run_ranked(
+    lead: Callable[..., T],
+    model_path: str,
+    parallel: str,
+    connect_timeout: float,
+    *,
+    cluster=None,
+    image_cache_bytes: int | None = None,
+    **load_options,
+) -> T | None:
+    """Load the model and run ``lead(engine)`` on rank 0 (or in a single process); returns what it returns.
+
+    Under ``mlx.launch`` the ranks join (``parallel``, ``connect_timeout``, unless a ``cluster`` already
+    started is given) and each loads its part of the decoder; the other ranks then take rank 0's steps
+    until ``lead`` ends, and return None.  ``load_options`` go to ``load`` (``dtype``, ``vision_backend``);
+    ``image_cache_bytes`` sizes the engine's image-feature cache."""
+    from . import distributed
+    from .engine import engine_for
+    from .loader import load
+
+    if cluster is None:
+        cluster = distributed.start(parallel, connect_timeout)
+    model, processor = load(model_path, cluster=cluster, **load_options)
+    engine = engine_for(model, processor, image_cache_bytes=image_cache_bytes)
+    if not distributed.follow_or_lead(cluster, engine):
+        return None  # a follower rank: rank 0 reads the input and writes the output
+    with distributed.leading(cluster):
+        return lead(engine_for(model, processor))  # on the leader of a split model: the Replica follow_or_lead set
 
 
 # ---------------------------------------------------------------------------------------- images
@@ -168,7 +231,7 @@ def warnings_above(bar):
         warnings.showwarning = shown
 
 
-def report_interrupt(what: Optional[str] = None) -> int:
+def report_interrupt(what: str | None = None) -> int:
     """A command stopped by Ctrl-C: one line, and the shell's status for SIGINT."""
     print(f"interrupted{': ' + what if what else ''}", file=sys.stderr, flush=True)
     return 130

@@ -7,8 +7,8 @@ projector and decoder keep running in MLX.  The package is the one ``python -m f
 """
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict
 
 import mlx.core as mx
 import numpy as np
@@ -27,7 +27,9 @@ class CoreMLVisionTower:
     interface of ``coremltools.models.MLModel.predict``; ``open`` builds one from a package.
     """
 
-    def __init__(self, predict: Callable[[Dict], Dict], resolution: int, image_input: bool = False, source: str = "CoreML"):
+    def __init__(
+        self, predict: Callable[[dict], dict], resolution: int, image_input: bool = False, source: str = "CoreML"
+    ):
         self.predict = predict
         self.resolution = resolution
         self.image_input = image_input
@@ -39,7 +41,8 @@ class CoreMLVisionTower:
         package = Path(package)
         if sys.platform != "darwin":
             raise FastVLMError(
-                f"vision_backend='coreml' runs CoreML, which needs macOS (this is {sys.platform}); use vision_backend='mlx'"
+                f"vision_backend='coreml' runs CoreML, which needs macOS (this is {sys.platform}); "
+                "use vision_backend='mlx'"
             )
         if not package.exists():
             raise FastVLMError(
@@ -88,6 +91,8 @@ class CoreMLVisionTower:
     def __call__(self, pixels: mx.array) -> mx.array:
         b, s, s2, c = pixels.shape
         if s != self.resolution or s2 != self.resolution or c != 3:
-            raise FastVLMError(f"{self.source}: expects (B, {self.resolution}, {self.resolution}, 3) pixels, got {pixels.shape}")
+            raise FastVLMError(
+                f"{self.source}: expects (B, {self.resolution}, {self.resolution}, 3) pixels, got {pixels.shape}"
+            )
         batch = np.array(pixels.astype(mx.float32))
         return mx.array(np.stack([self._encode_one(image) for image in batch]))

@@ -2,11 +2,9 @@
 
 import sys
 import types
-from typing import List, Optional
 
-from . import distributed
+from .engine import GenerationResponse, stream_generate
 from .errors import exit_on_user_error
-from .engine import GenerationResponse, engine_for, stream_generate
 from .processor import DEFAULT_SYSTEM
 
 
@@ -19,11 +17,19 @@ def _stats_line(r: GenerationResponse) -> str:
     )
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     import typer
 
-    from .cli import dtype_option, image_argument, sampling_options, use_one_line_warnings
-    from .loader import DEFAULT_MODEL, load
+    from .cli import (
+        connect_timeout_option,
+        dtype_option,
+        image_argument,
+        model_option,
+        parallel_option,
+        run_ranked,
+        sampling_options,
+        use_one_line_warnings,
+    )
 
     use_one_line_warnings()
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -33,29 +39,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     @sampling_options
     def run(
         prompt: str = typer.Option(..., "--prompt", "-p", help="What to ask."),
-        image: Optional[List[str]] = typer.Option(
+        image: list[str] | None = typer.Option(
             None, "--image", "-i",
             help="Image file or http(s) URL; repeat for several images, omit for a text-only prompt.",
         ),
-        model_path: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model directory or Hugging Face repo id."),
-        dtype: Optional[str] = dtype_option(),
+        model_path: str = model_option(),
+        dtype: str | None = dtype_option(),
         system: str = typer.Option(DEFAULT_SYSTEM, "--system", help="System prompt ('' for none)."),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="Print timing and memory to stderr."),
         vision_backend: str = typer.Option(
             "mlx", "--vision-backend", help="mlx, or coreml (macOS: the model directory's fastvithd.mlpackage)."
         ),
-        parallel: str = typer.Option("tensor", "--parallel", help=distributed.PARALLEL_HELP),
-        connect_timeout: float = typer.Option(distributed.DEFAULT_CONNECT_TIMEOUT, "--connect-timeout",
-                                              help=distributed.CONNECT_HELP),
+        parallel: str = parallel_option(),
+        connect_timeout: float = connect_timeout_option(),
         sampling: dict = None,
     ):
         images = [image_argument(i) for i in image or []]  # a bad image fails before the model loads
-        cluster = distributed.start(parallel, connect_timeout)
-        model, processor = load(model_path, dtype=dtype, vision_backend=vision_backend, cluster=cluster)
-        if not distributed.follow_or_lead(cluster, engine_for(model, processor)):
-            return  # a follower rank: rank 0 prints
-        with distributed.leading(cluster):
-            _answer(model, processor, prompt, images, system, verbose, sampling)
+        run_ranked(
+            lambda engine: _answer(engine.model, engine.processor, prompt, images, system, verbose, sampling),
+            model_path, parallel, connect_timeout, dtype=dtype, vision_backend=vision_backend,
+        )
 
     app(args=argv)
     return 0

@@ -10,7 +10,6 @@ tests/test_lm_internals.py checks every assumption here against the installed ml
 
 import re
 from importlib import metadata
-from typing import Optional
 
 from .errors import FastVLMError
 
@@ -22,7 +21,7 @@ def _release(version: str) -> tuple:
     return tuple(int(n) for n in re.findall(r"\d+", re.match(r"[\d.]*", version).group())[:3])
 
 
-def require_mlx_lm(installed: Optional[str] = None) -> None:
+def require_mlx_lm(installed: str | None = None) -> None:
     """Raise one clear FastVLMError where the installed mlx-lm is older than the floor (or missing)."""
     try:
         installed = installed or metadata.version("mlx-lm")

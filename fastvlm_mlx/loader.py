@@ -6,7 +6,7 @@ needed).  This is also the one place where a backend's speed path is chosen (``s
 """
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -35,7 +35,7 @@ def parse_dtype(name: str) -> mx.Dtype:
     return found
 
 
-def stored_dtype(weights: Dict[str, mx.array]) -> mx.Dtype:
+def stored_dtype(weights: dict[str, mx.array]) -> mx.Dtype:
     """The floating dtype the checkpoint stores its decoder in (its final norm is never quantized)."""
     norm = weights.get("language_model.model.norm.weight")
     if norm is not None and mx.issubdtype(norm.dtype, mx.floating):
@@ -83,7 +83,7 @@ def resolve_path(path_or_repo: str) -> Path:
         ) from None
 
 
-def build_model(config: ModelConfig, weights: Dict[str, mx.array], where: str = "checkpoint") -> FastVLM:
+def build_model(config: ModelConfig, weights: dict[str, mx.array], where: str = "checkpoint") -> FastVLM:
     """Instantiate the model and load every tensor strictly: no missing, no unexpected, no misshaped."""
     model = FastVLM(config)
     if config.quantization:
@@ -97,7 +97,13 @@ def build_model(config: ModelConfig, weights: Dict[str, mx.array], where: str = 
             own = q.get(path)
             return {k: own[k] for k in ("group_size", "bits", "mode") if k in own} if isinstance(own, dict) else True
 
-        nn.quantize(model, group_size=q["group_size"], bits=q["bits"], mode=q.get("mode", "affine"), class_predicate=quantized_here)
+        nn.quantize(
+            model,
+            group_size=q["group_size"],
+            bits=q["bits"],
+            mode=q.get("mode", "affine"),
+            class_predicate=quantized_here,
+        )
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
@@ -136,18 +142,7 @@ def specialize(model: FastVLM) -> FastVLM:
     return model
 
 
-def stored_compact(model: FastVLM, dtype: mx.Dtype, cluster: Optional["Cluster"] = None) -> list:
-    """(path, weight) of the decoder weights to keep in the checkpoint's bfloat16 while the model computes in
-    ``dtype``: on the CPU in float32, where the CPU layer widens them exactly as it reads them (``cpu.decoder``);
-    none for a decoder split over ranks, whose layers mlx-lm computes."""
-    if not uses_cpu_layer(dtype) or (cluster is not None and cluster.splits_model):
-        return []
-    from .cpu.decoder import stored_compact as compact_weights
-
-    return compact_weights(model.language_model)
-
-
-def load_model(path: Path, dtype: Union[mx.Dtype, str, None] = None, cluster: Optional["Cluster"] = None) -> FastVLM:
+def load_model(path: Path, dtype: mx.Dtype | str | None = None, cluster: Optional["Cluster"] = None) -> FastVLM:
     """Read, build and cast; with a ``cluster`` that splits the model, keep this rank's part of the decoder
     (the weights are still lazy then, so the rest is never materialised) and, on a follower, no vision tower."""
     config, weights = read_checkpoint(path)
@@ -156,7 +151,13 @@ def load_model(path: Path, dtype: Union[mx.Dtype, str, None] = None, cluster: Op
     stored = stored_dtype(weights)
     model = build_model(config, weights, str(path))
     dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype or default_dtype(stored)
-    compact = stored_compact(model, dtype, cluster)
+    # On the CPU layer the decoder's weights stay in the checkpoint's bfloat16 (its kernels widen them as they read
+    # them); a decoder split over ranks computes with mlx-lm's layers, which need them cast.
+    compact = []
+    if uses_cpu_layer(dtype) and (cluster is None or not cluster.splits_model):
+        from .cpu.decoder import stored_compact
+
+        compact = stored_compact(model.language_model)
     model.set_dtype(dtype)
     model.language_model.load_weights(compact, strict=False)  # back to the checkpoint's bfloat16
     if cluster is not None and cluster.splits_model:
@@ -172,10 +173,10 @@ VISION_BACKENDS = ("mlx", "coreml")
 @runs_on_mlx_thread
 def load(
     path_or_repo: str = DEFAULT_MODEL,
-    dtype: Union[mx.Dtype, str, None] = None,
+    dtype: mx.Dtype | str | None = None,
     vision_backend: str = "mlx",
     cluster: Optional["Cluster"] = None,
-) -> Tuple[FastVLM, "FastVLMProcessor"]:
+) -> tuple[FastVLM, "FastVLMProcessor"]:
     """Load a FastVLM checkpoint of any supported format; returns (model, processor).
 
     ``dtype`` (``mx.bfloat16`` or ``"bfloat16"``, ...) is what the model computes in; by default the
@@ -199,7 +200,8 @@ def load(
     if coreml_tower is not None:
         if coreml_tower.resolution != model.config.image_size:
             raise FastVLMError(
-                f"{coreml_tower.source}: takes {coreml_tower.resolution}px images but the model uses {model.config.image_size}px"
+                f"{coreml_tower.source}: takes {coreml_tower.resolution}px images "
+                f"but the model uses {model.config.image_size}px"
             )
         model.vision_tower = coreml_tower  # a plain object: the MLX tower's weights are dropped
     processor = FastVLMProcessor.from_pretrained(path, model.config)

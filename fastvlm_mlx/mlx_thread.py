@@ -14,8 +14,8 @@ import atexit
 import functools
 import queue
 import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from typing import Callable, Iterator, Optional
 
 _DONE = object()  # the end of a stream (a StopIteration cannot cross a Future into a generator)
 _STOP = object()
@@ -23,8 +23,8 @@ _STOP = object()
 
 class _Worker:
     def __init__(self):
-        self.jobs: "queue.SimpleQueue" = queue.SimpleQueue()
-        self.thread: Optional[threading.Thread] = None
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread: threading.Thread | None = None
         self.lock = threading.Lock()
 
     def current(self) -> bool:

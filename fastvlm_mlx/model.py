@@ -5,8 +5,8 @@ quantization then work unchanged); this module only adds the image path and the
 splice of image embeddings into the prompt.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -29,9 +29,9 @@ class ModelConfig:
     text_config: dict
     mm_hidden_size: int
     projector_type: str = "mlp2x_gelu"
-    eos_token_id: List[int] = field(default_factory=list)
-    quantization: Optional[dict] = None
-    source_format: Optional[str] = None
+    eos_token_id: list[int] = field(default_factory=list)
+    quantization: dict | None = None
+    source_format: str | None = None
 
     def __post_init__(self):
         if self.projector_type != "mlp2x_gelu":
@@ -107,7 +107,7 @@ class FastVLM(nn.Module):
         b, h, w, c = features.shape
         return self.projector(features.reshape(b, h * w, c))
 
-    def embed_prompt(self, token_ids: Sequence[int], image_embeds: Optional[mx.array] = None) -> mx.array:
+    def embed_prompt(self, token_ids: Sequence[int], image_embeds: mx.array | None = None) -> mx.array:
         """Token embeddings of one prompt with each IMAGE_PLACEHOLDER replaced by one image's embeddings.
 
         ``image_embeds`` is (num_images, N, hidden), in the order the placeholders appear.
@@ -129,7 +129,7 @@ class FastVLM(nn.Module):
             start = slot + 1
         return mx.concatenate(pieces, axis=0)
 
-    def __call__(self, inputs: mx.array, cache=None, input_embeddings: Optional[mx.array] = None) -> mx.array:
+    def __call__(self, inputs: mx.array, cache=None, input_embeddings: mx.array | None = None) -> mx.array:
         """The decoder step; mlx-lm's generation loop calls the model through this."""
         return self.language_model(inputs, cache=cache, input_embeddings=input_embeddings)
 

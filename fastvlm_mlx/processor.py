@@ -6,8 +6,8 @@ a split point and becomes IMAGE_PLACEHOLDER, which the model replaces by the ima
 embeddings (Apple's "-200 splice"), so no vocabulary row is ever used for the image.
 """
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -24,7 +24,7 @@ IM_END = "<|im_end|>"
 ROLES = ("system", "user", "assistant")
 
 
-def one_turn(prompt: Optional[str], image=None) -> List[dict]:
+def one_turn(prompt: str | None, image=None) -> list[dict]:
     """``prompt`` + ``image`` (one, a list, or None) as the one user message they stand for."""
     if prompt is None:
         raise FastVLMError("no prompt given (pass a prompt, or messages=[...])")
@@ -35,7 +35,7 @@ def one_turn(prompt: Optional[str], image=None) -> List[dict]:
     return [{"role": "user", "content": parts}]
 
 
-def _parts(message: dict, where: str) -> List[dict]:
+def _parts(message: dict, where: str) -> list[dict]:
     """A message's content as a list of text and image parts, each checked."""
     content = message.get("content")
     if isinstance(content, str):
@@ -48,16 +48,20 @@ def _parts(message: dict, where: str) -> List[dict]:
             if not isinstance(part.get("text"), str):
                 raise FastVLMError(f"{where}, part {j}: a text part needs a string 'text'")
             if IMAGE_TOKEN in part["text"]:
-                raise FastVLMError(f"{where}, part {j}: the text contains {IMAGE_TOKEN}; pass images as image parts instead")
+                raise FastVLMError(
+                    f"{where}, part {j}: the text contains {IMAGE_TOKEN}; pass images as image parts instead"
+                )
         elif kind == "image":
             if part.get("image") is None:
-                raise FastVLMError(f"{where}, part {j}: an image part needs an 'image' (path, bytes, PIL image or array)")
+                raise FastVLMError(
+                    f"{where}, part {j}: an image part needs an 'image' (path, bytes, PIL image or array)"
+                )
         else:
             raise FastVLMError(f"{where}, part {j}: unknown part type {kind!r} (expected 'text' or 'image')")
     return content
 
 
-def render_messages(messages: Sequence[dict], system: Optional[str] = DEFAULT_SYSTEM) -> Tuple[str, list]:
+def render_messages(messages: Sequence[dict], system: str | None = DEFAULT_SYSTEM) -> tuple[str, list]:
     """Apple's qwen_2 conversation template: (prompt text with one ``<image>`` per image, the images in order).
 
     Messages are ``{"role": "system" | "user" | "assistant", "content": str | [parts]}`` with parts
@@ -124,9 +128,9 @@ class FastVLMProcessor:
 
         return preprocess(image, self.image_size)
 
-    def encode(self, text: str) -> List[int]:
+    def encode(self, text: str) -> list[int]:
         """Token ids with IMAGE_PLACEHOLDER at each ``<image>``; chunks are tokenized separately, as Apple does."""
-        ids: List[int] = []
+        ids: list[int] = []
         for i, chunk in enumerate(text.split(IMAGE_TOKEN)):
             if i:
                 ids.append(IMAGE_PLACEHOLDER)
@@ -134,7 +138,7 @@ class FastVLMProcessor:
                 ids.extend(self.tokenizer.encode(chunk, add_special_tokens=False, verbose=False))
         return ids
 
-    def render(self, messages: Sequence[dict], system: Optional[str] = DEFAULT_SYSTEM) -> Tuple[str, list]:
+    def render(self, messages: Sequence[dict], system: str | None = DEFAULT_SYSTEM) -> tuple[str, list]:
         return render_messages(messages, system)
 
     def check_length(self, positions: int) -> None:

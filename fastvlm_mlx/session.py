@@ -15,8 +15,8 @@ import base64
 import hashlib
 import io
 import json
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
@@ -31,7 +31,7 @@ from .processor import DEFAULT_SYSTEM, FastVLMProcessor, one_turn
 SAVE_FORMAT = "fastvlm_mlx.chat/1"
 
 
-def conversation_file(name: Union[str, Path]) -> Path:
+def conversation_file(name: str | Path) -> Path:
     """Where ``save(name)`` writes and ``load(name)`` reads: ``~`` expanded, ``.safetensors`` added when
     missing (the format's extension, which MLX's writer adds anyway)."""
     path = Path(name).expanduser()
@@ -57,14 +57,14 @@ class ChatSession:
         self,
         model: FastVLM,
         processor: FastVLMProcessor,
-        system: Optional[str] = DEFAULT_SYSTEM,
-        engine: Optional[Engine] = None,
+        system: str | None = DEFAULT_SYSTEM,
+        engine: Engine | None = None,
     ):
         self.model, self.processor = model, processor
         self.engine = engine or engine_for(model, processor)
         self.system = system
-        self.messages: List[dict] = []
-        self.cache: Optional[PromptCache] = None
+        self.messages: list[dict] = []
+        self.cache: PromptCache | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -74,14 +74,14 @@ class ChatSession:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
         self.cache = PromptCache(self.model)
 
-    def stream(self, text: str, images: Union[None, object, Sequence] = None, **sampling) -> Iterator[GenerationResponse]:
+    def stream(self, text: str, images: None | object | Sequence = None, **sampling) -> Iterator[GenerationResponse]:
         """Ask; yields what ``stream_generate`` yields.  The user turn and the answer (as far as it got,
         if the caller stops early) join ``messages``; a request that fails before generating leaves the
         history as it was."""
         turn = one_turn(text, images)[0]
         prompt = self.engine.prepare(self.messages + [turn], system=None)
         options = Sampling(**sampling)
-        answer: Optional[list] = None
+        answer: list | None = None
         try:
             for response in self.engine.stream(prompt, options, self.cache):
                 answer = (answer or []) + [response.text]
@@ -96,7 +96,7 @@ class ChatSession:
 
     # --------------------------------------------------------------------------------- on disk
     @runs_on_mlx_thread
-    def save(self, path: Union[str, Path]) -> None:
+    def save(self, path: str | Path) -> None:
         """Write the history and the KV cache to one safetensors file (mlx-lm's prompt-cache format).
 
         Images given as paths are stored as paths (read again on the next turn); other images as PNGs
@@ -137,7 +137,7 @@ class ChatSession:
 
     @classmethod
     @runs_on_mlx_thread
-    def load(cls, path: Union[str, Path], model: FastVLM, processor: FastVLMProcessor) -> "ChatSession":
+    def load(cls, path: str | Path, model: FastVLM, processor: FastVLMProcessor) -> "ChatSession":
         """Resume a conversation written by ``save``; refuses a file made with another model."""
         _refuse_when_split(engine_for(model, processor))
         path = Path(path).expanduser() if Path(path).expanduser().is_file() else conversation_file(path)
@@ -151,7 +151,9 @@ class ChatSession:
         if meta.get("format") != SAVE_FORMAT:
             raise FastVLMError(f"{path}: unknown conversation format {meta.get('format')!r}")
         if meta.get("model") != model_fingerprint(model) or len(kv) != len(model.layers):
-            raise FastVLMError(f"{path}: this conversation was saved with a different model (or dtype); load that model")
+            raise FastVLMError(
+                f"{path}: this conversation was saved with a different model (or dtype); load that model"
+            )
         chat = cls(model, processor, system=meta["system"])
         chat.messages = [dict(m, content=_restored(m["content"])) for m in meta["messages"]]
         chat.cache = PromptCache(model, kv, [p if isinstance(p, int) else tuple(p) for p in meta["positions"]])

@@ -10,7 +10,6 @@ swaps the tower for a variant with the same weights that schedules the same math
 """
 
 from dataclasses import dataclass, field
-from typing import List
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -20,13 +19,13 @@ import mlx.nn as nn
 class VisionConfig:
     """Shape of a FastViTHD tower; the defaults are the published FastVLM encoder."""
 
-    layers: List[int] = field(default_factory=lambda: [2, 12, 24, 4, 2])
-    embed_dims: List[int] = field(default_factory=lambda: [96, 192, 384, 768, 1536])
+    layers: list[int] = field(default_factory=lambda: [2, 12, 24, 4, 2])
+    embed_dims: list[int] = field(default_factory=lambda: [96, 192, 384, 768, 1536])
     mlp_ratio: float = 4.0
-    token_mixers: List[str] = field(
+    token_mixers: list[str] = field(
         default_factory=lambda: ["repmixer", "repmixer", "repmixer", "attention", "attention"]
     )
-    pos_embs: List[bool] = field(default_factory=lambda: [False, False, False, True, True])
+    pos_embs: list[bool] = field(default_factory=lambda: [False, False, False, True, True])
     head_dim: int = 32
     se_ratio: float = 0.0625
     image_size: int = 1024
@@ -228,7 +227,11 @@ class FastViTHD(nn.Module):
 
     def parts(self):
         """The tower as (name, fn) steps, each taking what the previous returns (for per-stage profiles)."""
-        return [("stem", self.stem)] + [(f"stage{i}", s) for i, s in enumerate(self.stages)] + [("final_conv", self.final_conv)]
+        return (
+            [("stem", self.stem)]
+            + [(f"stage{i}", s) for i, s in enumerate(self.stages)]
+            + [("final_conv", self.final_conv)]
+        )
 
     def __call__(self, pixels: mx.array) -> mx.array:
         x = pixels

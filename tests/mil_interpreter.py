@@ -11,7 +11,7 @@ exporter cannot slip through unchecked.
 """
 
 import math
-from typing import Callable, Dict
+from collections.abc import Callable
 
 import numpy as np
 
@@ -25,8 +25,8 @@ class UnsupportedOp(NotImplementedError):
     pass
 
 
-_HANDLERS: Dict[str, Callable] = {}
-_KNOWN_INPUTS: Dict[str, set] = {}
+_HANDLERS: dict[str, Callable] = {}
+_KNOWN_INPUTS: dict[str, set] = {}
 
 
 def _op(name: str, inputs: set):
@@ -204,10 +204,10 @@ def _np_dtype(var):
     return types.nptype_from_builtin(var.dtype)
 
 
-def run_program(prog, inputs: Dict[str, np.ndarray], function: str = "main") -> Dict[str, np.ndarray]:
+def run_program(prog, inputs: dict[str, np.ndarray], function: str = "main") -> dict[str, np.ndarray]:
     """Evaluate ``prog`` on numpy ``inputs`` (by input name); returns its outputs by name, as numpy."""
     func = prog.functions[function]
-    env: Dict[str, np.ndarray] = {}
+    env: dict[str, np.ndarray] = {}
     for name, var in func.inputs.items():
         if name not in inputs:
             raise KeyError(f"missing program input {name!r}")
@@ -248,8 +248,8 @@ def run_program(prog, inputs: Dict[str, np.ndarray], function: str = "main") -> 
     return {var.name: env[var.name] for var in func.outputs}
 
 
-def op_types(prog, function: str = "main") -> Dict[str, int]:
-    counts: Dict[str, int] = {}
+def op_types(prog, function: str = "main") -> dict[str, int]:
+    counts: dict[str, int] = {}
     for op in prog.functions[function].operations:
         counts[op.op_type] = counts.get(op.op_type, 0) + 1
     return counts

@@ -12,7 +12,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import FIXTURES, assert_clean_error
 
 SRC = FIXTURES / "format_a"
@@ -40,7 +39,13 @@ SWIFT_OPTIONAL_CONFIG_KEYS = {
     "tie_word_embeddings": bool,  # TRUE: an untied model must say so, or its lm_head is an unused key
 }
 # FastVLM.swift, FastVLMPreProcessorConfiguration (+ processor_class for MLXVLM's BaseProcessorConfiguration)
-SWIFT_PREPROCESSOR_KEYS = {"image_mean": list, "image_std": list, "size": dict, "crop_size": dict, "processor_class": str}
+SWIFT_PREPROCESSOR_KEYS = {
+    "image_mean": list,
+    "image_std": list,
+    "size": dict,
+    "crop_size": dict,
+    "processor_class": str,
+}
 APP_FILES = {
     "config.json",
     "model.safetensors",
@@ -202,7 +207,10 @@ def test_weights_equal_source(bundle):
     dst, _, _ = bundle
     _, source = read_checkpoint(SRC)
     weights = _load(dst)
-    back = {"multi_modal_projector.linear_0.": "projector.linear_1.", "multi_modal_projector.linear_2.": "projector.linear_2."}
+    back = {
+        "multi_modal_projector.linear_0.": "projector.linear_1.",
+        "multi_modal_projector.linear_2.": "projector.linear_2.",
+    }
     for key, value in weights.items():
         src_key = key
         for new, old in back.items():
@@ -237,7 +245,11 @@ def test_tokenizer_has_image_token(bundle, meta):
     n = model.config.num_image_tokens
     turn = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nDescribe the image."
     end = "<|im_end|>\n<|im_start|>assistant\n"
-    ids = Tokenizer.from_file(str(dst / "tokenizer.json")).encode(turn + "<image>" * n + end, add_special_tokens=False).ids
+    ids = (
+        Tokenizer.from_file(str(dst / "tokenizer.json"))
+        .encode(turn + "<image>" * n + end, add_special_tokens=False)
+        .ids
+    )
     assert ids.count(image_id) == n
     assert [i for i in ids if i != image_id] == source.encode(turn + end, add_special_tokens=False)
 
@@ -262,7 +274,18 @@ def test_cli_quantized_bundle_and_refusal(ct, tmp_path, capsys):
     dst = tmp_path / "model"
     dst.mkdir()
     (dst / "old.txt").write_text("keep me")
-    args = ["--hf-path", str(SRC), "--mlx-path", str(dst), "--app-bundle", "-q", "--q-bits", "8", "--q-group-size", "32"]
+    args = [
+        "--hf-path",
+        str(SRC),
+        "--mlx-path",
+        str(dst),
+        "--app-bundle",
+        "-q",
+        "--q-bits",
+        "8",
+        "--q-group-size",
+        "32",
+    ]
     assert _convert_main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not empty" in err[0] and "--force" in err[0]
@@ -302,7 +325,10 @@ def test_cli_without_coremltools(tmp_path):
     import subprocess
 
     out = tmp_path / "model"
-    code = "import sys; sys.modules['coremltools'] = None; from fastvlm_mlx.convert import main; sys.exit(main(sys.argv[1:]))"
+    code = (
+        "import sys; sys.modules['coremltools'] = None; "
+        "from fastvlm_mlx.convert import main; sys.exit(main(sys.argv[1:]))"
+    )
     args = [sys.executable, "-c", code, "--hf-path", str(SRC), "--mlx-path", str(out), "--app-bundle"]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert_clean_error(proc, "coremltools", "pip install")
@@ -343,7 +369,9 @@ def test_tokenizer_json_built_from_vocab_and_merges(tmp_path, meta):
     merges = [m if isinstance(m, str) else " ".join(m) for m in fast["model"]["merges"]]
     (src / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     tok_config = json.loads((SRC / "tokenizer_config.json").read_text())
-    tok_config["added_tokens_decoder"] = {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in fast["added_tokens"]}
+    tok_config["added_tokens_decoder"] = {
+        str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in fast["added_tokens"]
+    }
     (src / "tokenizer_config.json").write_text(json.dumps(tok_config))
 
     assert add_image_token(src, out, vocab_size=448) == 403

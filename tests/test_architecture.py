@@ -16,8 +16,13 @@ from precision import requires_cpu_layer
 
 from fastvlm_mlx import load
 
-CPU_KERNEL_MODULES = ["fastvlm_mlx.cpu.kernels", "fastvlm_mlx.cpu.depthwise", "fastvlm_mlx.cpu.vision", "fastvlm_mlx.cpu.decoder",
-                      "fastvlm_mlx.cpu.skinny"]
+CPU_KERNEL_MODULES = [
+    "fastvlm_mlx.cpu.formulas",
+    "fastvlm_mlx.cpu.depthwise",
+    "fastvlm_mlx.cpu.vision",
+    "fastvlm_mlx.cpu.decoder",
+    "fastvlm_mlx.cpu.skinny",
+]
 
 # Loads a model, generates, and reports which modules were imported and which CPU kernels were entered.
 PROBE = r"""

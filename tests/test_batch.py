@@ -57,7 +57,9 @@ def test_folder_with_bad_files(folder, tmp_path, local):
     assert proc.returncode == 1, proc.stderr
     assert "3 input(s) with errors" in proc.stderr and "Traceback" not in proc.stderr
     got = {r["id"]: r for r in records(out)}
-    assert set(got) == {str(folder / n) for n in ("a.png", "sub/b.png", "c.jpg", "corrupt.png", "truncated.jpg", "bomb.png")}
+    assert set(got) == {
+        str(folder / n) for n in ("a.png", "sub/b.png", "c.jpg", "corrupt.png", "truncated.jpg", "bomb.png")
+    }
     for name in ("a.png", "sub/b.png", "c.jpg"):
         r = got[str(folder / name)]
         assert r["text"] == generate(model, processor, "Describe the image.", image=folder / name, max_tokens=8), name
@@ -77,7 +79,9 @@ def test_jsonl_input_with_own_prompts_and_exit_0(tmp_path, local):
     src = tmp_path / "in.jsonl"
     src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "out.jsonl"
-    proc = run_cli("fastvlm_mlx.batch", "-m", MODEL, "-i", str(src), "-o", str(out), "--prompt", "Describe.", "--max-tokens", "6")
+    proc = run_cli(
+        "fastvlm_mlx.batch", "-m", MODEL, "-i", str(src), "-o", str(out), "--prompt", "Describe.", "--max-tokens", "6"
+    )
     assert proc.returncode == 0, proc.stderr
     got = {r["id"]: r for r in records(out)}
     assert got["x"]["text"] == generate(model, processor, "What colour is it?", image=PHOTO, max_tokens=6)
@@ -86,9 +90,14 @@ def test_jsonl_input_with_own_prompts_and_exit_0(tmp_path, local):
 
 def test_killed_run_resumes_with_every_id_once(tmp_path):
     src = tmp_path / "in.jsonl"
-    src.write_text("".join(json.dumps({"id": str(i), "image": str(PHOTO if i % 2 else PHOTO2)}) + "\n" for i in range(40)))
+    src.write_text(
+        "".join(json.dumps({"id": str(i), "image": str(PHOTO if i % 2 else PHOTO2)}) + "\n" for i in range(40))
+    )
     reference = tmp_path / "reference.jsonl"
-    assert run_cli("fastvlm_mlx.batch", "-m", MODEL, "-i", str(src), "-o", str(reference), "--max-tokens", "12").returncode == 0
+    assert (
+        run_cli("fastvlm_mlx.batch", "-m", MODEL, "-i", str(src), "-o", str(reference), "--max-tokens", "12").returncode
+        == 0
+    )
     out = tmp_path / "out.jsonl"
     proc = subprocess.Popen([sys.executable, "-m", "fastvlm_mlx.batch", "-m", MODEL, "-i", str(src), "-o", str(out),
                              "--max-tokens", "12"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -103,7 +112,9 @@ def test_killed_run_resumes_with_every_id_once(tmp_path):
     assert 8 <= partial < 40
     with open(out, "a") as f:
         f.write('{"id": "torn", "text": "half a rec')  # as if power failed mid-write
-    assert run_cli("fastvlm_mlx.batch", "-m", MODEL, "-i", str(src), "-o", str(out), "--max-tokens", "12").returncode == 0
+    assert (
+        run_cli("fastvlm_mlx.batch", "-m", MODEL, "-i", str(src), "-o", str(out), "--max-tokens", "12").returncode == 0
+    )
     lines = out.read_text().splitlines()
     got = [json.loads(line) for line in lines]  # every line valid JSON
     assert sorted(r["id"] for r in got) == sorted(str(i) for i in range(40))  # every id exactly once
@@ -113,4 +124,6 @@ def test_killed_run_resumes_with_every_id_once(tmp_path):
 
 def test_bad_arguments_are_one_line(tmp_path):
     proc = run_cli("fastvlm_mlx.batch", "-m", MODEL, "-i", str(tmp_path / "nothing"), "-o", str(tmp_path / "o.jsonl"))
-    assert proc.returncode == 1 and proc.stderr.strip().startswith("error:") and len(proc.stderr.strip().splitlines()) == 1
+    assert (
+        proc.returncode == 1 and proc.stderr.strip().startswith("error:") and len(proc.stderr.strip().splitlines()) == 1
+    )

@@ -13,11 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
 from conftest import FIXTURES, run_cli
 from precision import requires_linux_cpu_build
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = requires_linux_cpu_build  # the BLAS preload is for MLX's Linux CPU build only
 
@@ -204,7 +203,11 @@ print(json.dumps({"loaded": blas.loaded, "bound": blas.bound_library(),
 
 def load_fixture_after(order, library=None, env_extra=None):
     """Run BOUND_SCRIPT in a fresh interpreter; its JSON result and its stderr."""
-    env = {k: v for k, v in os.environ.items() if k not in ("FASTVLM_MLX_BLAS", "FASTVLM_MLX_CPU", "FASTVLM_MLX_DTYPE", "LD_PRELOAD")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("FASTVLM_MLX_BLAS", "FASTVLM_MLX_CPU", "FASTVLM_MLX_DTYPE", "LD_PRELOAD")
+    }
     env.update(env_extra or {})
     args = [sys.executable, "-c", BOUND_SCRIPT, order, str(ROOT / "tests" / "fixtures" / "format_a"), library or ""]
     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=180)

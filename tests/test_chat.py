@@ -103,7 +103,10 @@ def test_message_errors(model_and_processor):
         ([{"role": "user", "content": "an <image> here"}], "<image>"),
         ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "last message"),
         ([{"role": "user", "content": [{"type": "image", "image": str(FIXTURES / "nope.png")}]}], "no such file"),
-        ([{"role": "user", "content": [{"type": "image", "image": PHOTO}] * 32 + [{"type": "text", "text": "hi"}]}], "context"),
+        (
+            [{"role": "user", "content": [{"type": "image", "image": PHOTO}] * 32 + [{"type": "text", "text": "hi"}]}],
+            "context",
+        ),
     ]
     for messages, words in bad:
         with pytest.raises(FastVLMError, match=words):
@@ -115,11 +118,26 @@ def test_message_errors(model_and_processor):
 def test_generate_cli_takes_several_images(reference, model_and_processor):
     arrays, meta = reference
     model, processor = model_and_processor
-    proc = run_cli("fastvlm_mlx.generate", "-m", MODEL, "-i", str(PHOTO), "-i", str(PHOTO2), "-p", "Compare the two images.",
-                   "--max-tokens", "16")
+    proc = run_cli(
+        "fastvlm_mlx.generate",
+        "-m",
+        MODEL,
+        "-i",
+        str(PHOTO),
+        "-i",
+        str(PHOTO2),
+        "-p",
+        "Compare the two images.",
+        "--max-tokens",
+        "16",
+    )
     assert proc.returncode == 0, proc.stderr
     tokens = arrays["two_images_greedy_tokens"].tolist()
-    tokens = tokens[: tokens.index(processor.tokenizer.eos_token_id)] if processor.tokenizer.eos_token_id in tokens else tokens
+    tokens = (
+        tokens[: tokens.index(processor.tokenizer.eos_token_id)]
+        if processor.tokenizer.eos_token_id in tokens
+        else tokens
+    )
     expected = processor.tokenizer.decode(tokens)
     if not EXACT_TOKENS:  # half precision: the API's answer, which test_conversations_match_transformers checks
         expected = generate(model, processor, "Compare the two images.", image=[PHOTO, PHOTO2], max_tokens=16)

@@ -8,8 +8,8 @@ from conftest import FIXTURES, assert_clean_error, rel_err, run_cli
 from precision import EMBEDS_TOL, LOGITS_TOL, VISION_TOL
 
 from fastvlm_convert import convert_checkpoint
-from fastvlm_mlx.checkpoints import read_weights
 from fastvlm_mlx import FastVLMError, load
+from fastvlm_mlx.checkpoints import read_weights
 
 
 def logits_for(model, processor, meta, arrays):
@@ -66,7 +66,9 @@ def test_quantized_conversion(bits, tmp_path, reference):
 
 def test_quantize_projector_option(tmp_path):
     dst = tmp_path / "qp"
-    convert_checkpoint(FIXTURES / "format_b", dst, dtype="float32", quantize_bits=8, group_size=32, quantize_projector=True)
+    convert_checkpoint(
+        FIXTURES / "format_b", dst, dtype="float32", quantize_bits=8, group_size=32, quantize_projector=True
+    )
     assert "projector.linear_1.scales" in read_weights(dst)
     load(str(dst))
 
@@ -74,7 +76,9 @@ def test_quantize_projector_option(tmp_path):
 def test_cli_converts_apple_and_hf(tmp_path, reference):
     for source in ("format_a", "format_b"):
         dst = tmp_path / source
-        proc = run_cli("fastvlm_mlx.convert", "--hf-path", str(FIXTURES / source), "--mlx-path", str(dst), "--dtype", "float32")
+        proc = run_cli(
+            "fastvlm_mlx.convert", "--hf-path", str(FIXTURES / source), "--mlx-path", str(dst), "--dtype", "float32"
+        )
         assert proc.returncode == 0, proc.stderr
         model, _ = load(str(dst))
         assert rel_err(model.encode_image(reference[0]["pixels"]), reference[0]["image_embeds"]) <= EMBEDS_TOL
@@ -232,5 +236,13 @@ def test_cli_bad_source_is_one_line(tmp_path):
 
 
 def test_cli_bad_dtype(tmp_path):
-    proc = run_cli("fastvlm_mlx.convert", "--hf-path", str(FIXTURES / "format_a"), "--mlx-path", str(tmp_path / "o"), "--dtype", "int3")
+    proc = run_cli(
+        "fastvlm_mlx.convert",
+        "--hf-path",
+        str(FIXTURES / "format_a"),
+        "--mlx-path",
+        str(tmp_path / "o"),
+        "--dtype",
+        "int3",
+    )
     assert_clean_error(proc, "--dtype")

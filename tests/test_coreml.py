@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import FIXTURES, assert_clean_error, run_cli
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -30,9 +29,9 @@ def _rel(a, b) -> float:
 
 @pytest.fixture(scope="module")
 def model():
-    from fastvlm_mlx import load
-
     import mlx.core as mx
+
+    from fastvlm_mlx import load
 
     m, _ = load(str(FIXTURES / "format_a"), dtype=mx.float32)
     return m
@@ -159,7 +158,7 @@ def _expected_weights(tower):
         if not key.endswith(".weight"):
             continue
         path = key[: -len(".weight")]
-        weight = {4: lambda: w.transpose(0, 3, 1, 2), 2: lambda: w[:, :, None, None], 1: lambda: w}[w.ndim]()
+        weight = {4: lambda v: v.transpose(0, 3, 1, 2), 2: lambda v: v[:, :, None, None], 1: lambda v: v}[w.ndim](w)
         expected["vision_tower." + path] = (weight, params.get(path + ".bias"))
     for key, scale in params.items():
         if ".layer_scale" not in key:
@@ -199,11 +198,13 @@ def test_package_weights_equal_source(ct, packages, model, precision):
 
 def test_projector_and_image_input(ct, model, ref, tmp_path):
     """The options: CVPixelBuffer-style image input (scale 1/255) and the projector inside the package."""
-    from fastvlm_convert.coreml import export_coreml, load_program
-
     import mlx.core as mx
 
-    path = export_coreml(model, tmp_path / "fastvithd.mlpackage", precision="float32", image_input=True, include_projector=True)
+    from fastvlm_convert.coreml import export_coreml, load_program
+
+    path = export_coreml(
+        model, tmp_path / "fastvithd.mlpackage", precision="float32", image_input=True, include_projector=True
+    )
     spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
     (inp,), (out,) = spec.description.input, spec.description.output
     assert inp.name == "images" and inp.type.WhichOneof("Type") == "imageType"
@@ -252,9 +253,9 @@ def _randomized_full_size(seed: int = 0):
 
 def test_full_size_fastvithd_at_128(ct, tmp_path):
     """The published architecture (122.7M parameters, 3072 channels) exports; checked at 128px to stay fast."""
-    from fastvlm_convert.coreml import export_coreml, load_program
-
     import mlx.core as mx
+
+    from fastvlm_convert.coreml import export_coreml, load_program
 
     tower = _randomized_full_size()
     path = export_coreml(tower, tmp_path / "fastvithd.mlpackage", resolution=128, precision="float16")
@@ -274,7 +275,6 @@ def test_full_size_fastvithd_at_128(ct, tmp_path):
 
 def test_bad_options(ct, model, tmp_path):
     from fastvlm_convert.coreml import export_coreml
-
     from fastvlm_mlx import FastVLMError
 
     with pytest.raises(FastVLMError, match="multiple of 64"):
@@ -294,10 +294,9 @@ def test_bad_options(ct, model, tmp_path):
 
 def test_coreml_tower_glue(ct, model, packages, ref, mlx_features):
     """CoreMLVisionTower's layout handling, with the interpreter standing in for MLModel.predict."""
-    from fastvlm_convert.coreml import load_program
-
     import mlx.core as mx
 
+    from fastvlm_convert.coreml import load_program
     from fastvlm_mlx.coreml_vision import CoreMLVisionTower
 
     prog = load_program(packages["float32"])
@@ -327,7 +326,8 @@ def test_coreml_backend_needs_macos():
 
 @pytest.mark.skipif(
     sys.platform != "darwin",
-    reason=f"CoreML prediction needs macOS (this is {sys.platform}); the package is checked by the MIL interpreter instead",
+    reason=f"CoreML prediction needs macOS (this is {sys.platform}); "
+    "the package is checked by the MIL interpreter instead",
 )
 def test_coreml_predict_on_macos(ct, model, packages, ref, mlx_features, tmp_path):
     import shutil
@@ -406,7 +406,10 @@ def test_cli_coreml_only(ct, tmp_path, capsys):
     inp = ct.models.MLModel(str(named), skip_model_load=True).get_spec().description.input[0]
     assert inp.type.WhichOneof("Type") == "multiArrayType"  # replaced by the --force run
 
-    assert main(["--hf-path", str(src), "--mlx-path", str(tmp_path / "x"), "--coreml-only", "--coreml-resolution", "100"]) == 1
+    assert (
+        main(["--hf-path", str(src), "--mlx-path", str(tmp_path / "x"), "--coreml-only", "--coreml-resolution", "100"])
+        == 1
+    )
     assert "multiple of 64" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
@@ -417,7 +420,10 @@ def test_cli_without_coremltools(tmp_path):
     import subprocess
 
     out = tmp_path / "mlx"
-    code = "import sys; sys.modules['coremltools'] = None; from fastvlm_mlx.convert import main; sys.exit(main(sys.argv[1:]))"
+    code = (
+        "import sys; sys.modules['coremltools'] = None; "
+        "from fastvlm_mlx.convert import main; sys.exit(main(sys.argv[1:]))"
+    )
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     for flags in (["--coreml"], ["--coreml-only"]):
         args = [sys.executable, "-c", code, "--hf-path", str(FIXTURES / "format_a"), "--mlx-path", str(out), *flags]
@@ -428,5 +434,7 @@ def test_cli_without_coremltools(tmp_path):
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="checks the error message off macOS")
 def test_generate_cli_coreml_backend_off_macos():
-    proc = run_cli("fastvlm_mlx.generate", "--model", str(FIXTURES / "format_a"), "--prompt", "hi", "--vision-backend", "coreml")
+    proc = run_cli(
+        "fastvlm_mlx.generate", "--model", str(FIXTURES / "format_a"), "--prompt", "hi", "--vision-backend", "coreml"
+    )
     assert_clean_error(proc, "macOS")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from precision import requires_c_kernels, requires_cpu_layer
 
-from fastvlm_mlx.cpu import kernels as cpu_math
+from fastvlm_mlx.cpu import formulas as cpu_math
 
 pytestmark = requires_cpu_layer
 
@@ -101,14 +101,16 @@ def _attention64(q, k, v, scale, causal):
 def test_blocked_attention_kernel_matches_float64_attention():
     """attention.c over several blocks of query rows and ragged tails: the tower's shape (24 heads of 32 over
     1024 positions), a grouped causal prefill after a cached prefix, odd sizes, logits large enough to overflow
-    a naive exponential, and calls from several threads at once.  kernels.attention takes this path."""
+    a naive exponential, and calls from several threads at once.  formulas.attention takes this path."""
     from fastvlm_mlx.cpu import blas
     from fastvlm_mlx.cpu.attention import blocked_attention
 
     if blas.loaded is None:
         import pytest
 
-        pytest.skip("attention.c calls the optimized BLAS, and none is installed (apt-get install libopenblas0-pthread)")
+        pytest.skip(
+            "attention.c calls the optimized BLAS, and none is installed (apt-get install libopenblas0-pthread)"
+        )
     mx.random.seed(6)
     cases = [((1, 24, 1024, 32), (1, 24, 1024, 32), False, 1.0), ((2, 14, 37, 64), (2, 2, 300, 64), True, 2.0),
              ((1, 3, 5, 17), (1, 3, 9, 17), False, 1.0), ((1, 6, 7, 8), (1, 2, 7, 8), True, 40.0)]
@@ -122,8 +124,13 @@ def test_blocked_attention_kernel_matches_float64_attention():
 
     q, k, v = (mx.random.normal((1, 4, 300, 16)) for _ in range(3))
     ref = _attention64(q, k, v, 0.5, True)
-    assert _passes_in_threads(3, lambda: all(
-        np.abs(np.array(blocked_attention(q, k, v, 0.5, True)) - ref).max() <= 3e-6 * np.abs(ref).max() for _ in range(10)))
+    assert _passes_in_threads(
+        3,
+        lambda: all(
+            np.abs(np.array(blocked_attention(q, k, v, 0.5, True)) - ref).max() <= 3e-6 * np.abs(ref).max()
+            for _ in range(10)
+        ),
+    )
 
 
 def _rope64(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
@@ -196,7 +203,9 @@ def test_fused_pointwise_mlp_matches_float64():
             x64, r64 = np.moveaxis(x64, 1, -1), np.moveaxis(r64, 1, -1)
         h = x64 @ np.array(fc1.weight, dtype=np.float64).T + np.array(fc1.bias, dtype=np.float64)
         h = 0.5 * h * (1 + erf(h / math.sqrt(2)))
-        ref = r64 + np.array(scale, dtype=np.float64) * (h @ np.array(fc2.weight, dtype=np.float64).T + np.array(fc2.bias, dtype=np.float64))
+        ref = r64 + np.array(scale, dtype=np.float64) * (
+            h @ np.array(fc2.weight, dtype=np.float64).T + np.array(fc2.bias, dtype=np.float64)
+        )
         ref = ref if channels_last else np.moveaxis(ref, -1, 1)
         out = fused_mlp(x, residual, fc1, fc2, scale, channels_last)
         assert out is not None and out.shape == residual.shape
@@ -205,11 +214,17 @@ def test_fused_pointwise_mlp_matches_float64():
     class FFN(nn.Module):  # conv_ffn_residual's inputs: a depthwise conv, then the MLP
         def __init__(self):
             super().__init__()
-            self.conv, self.fc1, self.fc2 = nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.Linear(16, 64), nn.Linear(64, 16)
+            self.conv, self.fc1, self.fc2 = (
+                nn.Conv2d(16, 16, 3, padding=1, groups=16),
+                nn.Linear(16, 64),
+                nn.Linear(64, 16),
+            )
 
     ffn, x, scale = FFN(), mx.random.normal((1, 16, 12, 12)), mx.random.normal((16,))
     plain = cpu_vision.depthwise(ffn.conv, x, True)
-    plain = x + scale[:, None, None] * cpu_vision.pointwise(ffn.fc2, cpu_math.gelu(cpu_vision.pointwise(ffn.fc1, plain, True)), True)
+    plain = x + scale[:, None, None] * cpu_vision.pointwise(
+        ffn.fc2, cpu_math.gelu(cpu_vision.pointwise(ffn.fc1, plain, True)), True
+    )
     fused = cpu_vision.conv_ffn_residual(ffn, x, scale, True)
     assert (mx.abs(fused - plain).max() <= 1e-5 * mx.abs(plain).max()).item()
 
@@ -367,7 +382,9 @@ def test_few_row_matmul_pool_under_threads_and_fork():
     def close(outs):
         return all(np.abs(o - r).max() <= 1e-5 * np.abs(r).max() for o, r in zip(outs, refs))
 
-    assert _passes_in_threads(4, lambda: all(close(_raw_products(fn, cases, t)) for _ in range(20) for t in (1, 2, 3, 5)))
+    assert _passes_in_threads(
+        4, lambda: all(close(_raw_products(fn, cases, t)) for _ in range(20) for t in (1, 2, 3, 5))
+    )
 
     pid = os.fork()
     if pid == 0:  # the child: exit status 0 only when its own pool gives the right products

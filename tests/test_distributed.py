@@ -119,10 +119,16 @@ def test_chat_follows_rank_0(tmp_path, local):
 
 def test_data_parallel_batch_equals_one_process_and_resumes(tmp_path):
     src = tmp_path / "in.jsonl"
-    src.write_text("".join(json.dumps({"id": f"i{i:02d}", "image": str(PHOTO if i % 3 else PHOTO2)}) + "\n"
-                           for i in range(24)) + json.dumps({"id": "bad", "image": str(tmp_path / "missing.png")}) + "\n")
+    src.write_text(
+        "".join(json.dumps({"id": f"i{i:02d}", "image": str(PHOTO if i % 3 else PHOTO2)}) + "\n" for i in range(24))
+        + json.dumps({"id": "bad", "image": str(tmp_path / "missing.png")})
+        + "\n"
+    )
     single = tmp_path / "single.jsonl"
-    assert run_cli("fastvlm_mlx.batch", "-m", MODEL, "-i", str(src), "-o", str(single), "--max-tokens", "10").returncode == 1
+    assert (
+        run_cli("fastvlm_mlx.batch", "-m", MODEL, "-i", str(src), "-o", str(single), "--max-tokens", "10").returncode
+        == 1
+    )
     expected = {r["id"]: r for r in map(json.loads, single.read_text().splitlines())}
 
     out = tmp_path / "dp.jsonl"
@@ -165,7 +171,9 @@ def test_tensor_parallel_batch_and_server(tmp_path, local):
         (code0, _, err0), (code1, _, _) = ranks.wait()
     assert code0 == 0 and code1 == 0, err0
     texts = {r["id"]: r["text"] for r in map(json.loads, out.read_text().splitlines())}
-    assert texts == {str(p): generate(model, processor, "Describe the image.", image=p, max_tokens=8) for p in (PHOTO, PHOTO2)}
+    assert texts == {
+        str(p): generate(model, processor, "Describe the image.", image=p, max_tokens=8) for p in (PHOTO, PHOTO2)
+    }
 
     port = int(local_hosts(1)[0][0].split(":")[1])
     serve = ["-m", "fastvlm_mlx.server", "-m", MODEL, "--port", str(port), "--allowed-image-dir", str(FIXTURES)]
@@ -181,9 +189,20 @@ def test_tensor_parallel_batch_and_server(tmp_path, local):
         from concurrent.futures import ThreadPoolExecutor
 
         def ask(i):
-            r = client.chat.completions.create(model="m", max_tokens=8, temperature=0, messages=[{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": f"file://{PHOTO if i % 2 else PHOTO2}"}},
-                {"type": "text", "text": f"Question {i}?"}]}])
+            r = client.chat.completions.create(
+                model="m",
+                max_tokens=8,
+                temperature=0,
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": f"file://{PHOTO if i % 2 else PHOTO2}"}},
+                            {"type": "text", "text": f"Question {i}?"},
+                        ],
+                    }
+                ],
+            )
             return r.choices[0].message.content
 
         with ThreadPoolExecutor(4) as pool:

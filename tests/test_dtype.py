@@ -6,8 +6,8 @@ its default device (the plain path then runs on this CPU, as it would on Metal).
 
 import mlx.core as mx
 import pytest
-
 from conftest import FIXTURES, PHOTO
+
 from fastvlm_mlx import FastVLMError, generate, load
 from fastvlm_mlx.errors import NonFiniteLogitsError
 from fastvlm_mlx.loader import default_dtype, parse_dtype

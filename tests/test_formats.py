@@ -146,14 +146,19 @@ def test_bfloat16_checkpoint_loads(fixture_copy, reference, monkeypatch):
     logits of mlx-lm's own Qwen2 computing in float32 on the same values."""
     path = fixture_copy("format_b")
     weights = mx.load(str(path / "model.safetensors"))
-    mx.save_safetensors(str(path / "model.safetensors"), {k: v.astype(mx.bfloat16) if v.dtype == mx.float32 else v for k, v in weights.items()})
+    mx.save_safetensors(
+        str(path / "model.safetensors"),
+        {k: v.astype(mx.bfloat16) if v.dtype == mx.float32 else v for k, v in weights.items()},
+    )
     model, processor = load(str(path))
     arrays, meta = reference
     assert model.vision_tower.stem.layers[0].weight.dtype == mx.float32  # CPU default
     assert rel_err(model.encode_image(arrays["pixels"]), arrays["image_embeds"]) <= 0.05
 
     lm = model.language_model
-    assert {lm.layers[0].mlp.gate_proj.weight.dtype, lm.model.embed_tokens.weight.dtype, lm.lm_head.weight.dtype} == {mx.bfloat16}
+    assert {lm.layers[0].mlp.gate_proj.weight.dtype, lm.model.embed_tokens.weight.dtype, lm.lm_head.weight.dtype} == {
+        mx.bfloat16
+    }
     assert lm.model.norm.weight.dtype == mx.float32 and model.projector.linear_1.weight.dtype == mx.float32
     monkeypatch.setenv("FASTVLM_MLX_CPU", "0")
     plain, _ = load(str(path))  # mlx-lm's plain modules, every weight widened to float32
@@ -185,7 +190,8 @@ def test_two_images_spliced_in_order(loaded):
 
 
 def test_preprocessing_matches_apple_pipeline(loaded, reference):
-    """expand2square + transformers' CLIPImageProcessor (PIL path), as Apple's predict.py, computed by the fixture script."""
+    """expand2square + transformers' CLIPImageProcessor (PIL path), as Apple's predict.py, computed by the fixture
+    script."""
     from conftest import PHOTO
 
     _, (_, processor) = loaded

@@ -491,7 +491,7 @@ def test_convert_progress_reaches_100_percent_with_warnings_above_it(tmp_path, m
     original = FastVLM.set_dtype
 
     def set_dtype(self, dtype, *args, **kwargs):
-        warnings.warn("something to know about this checkpoint")
+        warnings.warn("something to know about this checkpoint", stacklevel=1)
         return original(self, dtype, *args, **kwargs)
 
     monkeypatch.setattr(FastVLM, "set_dtype", set_dtype)

@@ -9,9 +9,42 @@ from fastvlm_mlx.vision import FastViTHD, VisionConfig
 
 # Qwen2 shapes (FORMATS.md section 7) and the parameter counts Qwen publishes for those models.
 QWEN2 = {
-    "0.5B": (dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864, vocab_size=151936), True, 494_032_768),
-    "1.5B": (dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, intermediate_size=8960, vocab_size=151936), True, 1_543_714_304),
-    "7B": (dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, intermediate_size=18944, vocab_size=152064), False, 7_615_616_512),
+    "0.5B": (
+        dict(
+            hidden_size=896,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            intermediate_size=4864,
+            vocab_size=151936,
+        ),
+        True,
+        494_032_768,
+    ),
+    "1.5B": (
+        dict(
+            hidden_size=1536,
+            num_hidden_layers=28,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            intermediate_size=8960,
+            vocab_size=151936,
+        ),
+        True,
+        1_543_714_304,
+    ),
+    "7B": (
+        dict(
+            hidden_size=3584,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            intermediate_size=18944,
+            vocab_size=152064,
+        ),
+        False,
+        7_615_616_512,
+    ),
 }
 
 

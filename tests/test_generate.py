@@ -33,7 +33,17 @@ def test_cli_answers_with_reference_greedy_tokens(reference, model_and_processor
     arrays, meta = reference
     _, processor = model_and_processor
     n = len(arrays["greedy_tokens"])
-    proc = run_cli("fastvlm_mlx.generate", "--model", MODEL, "--image", str(PHOTO), "--prompt", "Describe the image.", "--max-tokens", str(n))
+    proc = run_cli(
+        "fastvlm_mlx.generate",
+        "--model",
+        MODEL,
+        "--image",
+        str(PHOTO),
+        "--prompt",
+        "Describe the image.",
+        "--max-tokens",
+        str(n),
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == expected_text(processor, arrays["greedy_tokens"].tolist()) + "\n"
     assert proc.stderr == ""
@@ -49,7 +59,18 @@ def test_cli_text_only(reference, model_and_processor):
 
 
 def test_cli_verbose_stats(reference):
-    proc = run_cli("fastvlm_mlx.generate", "-m", MODEL, "-i", str(PHOTO), "-p", "Describe the image.", "--max-tokens", "5", "--verbose")
+    proc = run_cli(
+        "fastvlm_mlx.generate",
+        "-m",
+        MODEL,
+        "-i",
+        str(PHOTO),
+        "-p",
+        "Describe the image.",
+        "--max-tokens",
+        "5",
+        "--verbose",
+    )
     assert proc.returncode == 0, proc.stderr
     line = proc.stderr.strip().splitlines()[-1]
     for field in ("vision", "TTFT", "prompt 72 tokens", "generation 5 tokens", "peak memory"):
@@ -63,7 +84,17 @@ def test_cli_verbose_stats(reference):
 def test_cli_other_formats_give_same_answer(model_dir, reference, model_and_processor):
     arrays, _ = reference
     _, processor = model_and_processor
-    proc = run_cli("fastvlm_mlx.generate", "-m", str(FIXTURES / model_dir), "-i", str(PHOTO), "-p", "Describe the image.", "--max-tokens", "16")
+    proc = run_cli(
+        "fastvlm_mlx.generate",
+        "-m",
+        str(FIXTURES / model_dir),
+        "-i",
+        str(PHOTO),
+        "-p",
+        "Describe the image.",
+        "--max-tokens",
+        "16",
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == expected_text(processor, arrays["greedy_tokens"].tolist()) + "\n"
 
@@ -172,7 +203,9 @@ def test_unknown_model_path(tmp_path):
 
 
 def test_offline_default_model_says_how_to_fix():
-    proc = run_cli("fastvlm_mlx.generate", "--prompt", "hi", env={"HF_HUB_OFFLINE": "1", "HF_HOME": "/nonexistent-hf-home"})
+    proc = run_cli(
+        "fastvlm_mlx.generate", "--prompt", "hi", env={"HF_HUB_OFFLINE": "1", "HF_HOME": "/nonexistent-hf-home"}
+    )
     assert_clean_error(proc, "apple/FastVLM-0.5B", "local model directory")
 
 

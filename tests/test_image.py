@@ -54,7 +54,7 @@ def mode_images():
         "P.png": (rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=16), {}),
         "CMYK.jpg": (rgb.convert("CMYK"), {"quality": 95}),
         "1.png": (rgb.convert("1"), {}),
-        "I16.png": (Image.fromarray((np.asarray(rgb.convert("L")).astype(np.uint16) * 257)), {}),
+        "I16.png": (Image.fromarray(np.asarray(rgb.convert("L")).astype(np.uint16) * 257), {}),
         "pixel.png": (Image.new("RGB", (1, 1), (10, 200, 30)), {}),
         "panorama.png": (Image.new("RGB", (3000, 20), (255, 255, 255)), {}),
         "tall.png": (Image.new("RGB", (20, 3000), (255, 255, 255)), {}),

@@ -278,16 +278,27 @@ def test_client_that_drops_mid_stream_leaves_the_batch(server, client):
             break
         time.sleep(0.1)
     assert "fastvlm_running_batch_size 0" in text
-    assert ask(client, [{"role": "user", "content": "Hello there."}], max_tokens=3).choices[0].message.content is not None
+    assert (
+        ask(client, [{"role": "user", "content": "Hello there."}], max_tokens=3).choices[0].message.content is not None
+    )
 
 
 def test_metrics(server, client):
     ask(client, [image_turn("Describe the image.", PHOTO)], max_tokens=2)
     text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
-    for name in ("fastvlm_requests_total{status=\"200\"}", "fastvlm_prompt_tokens_total", "fastvlm_cached_tokens_total",
-                 "fastvlm_generated_tokens_total", "fastvlm_ttft_seconds_bucket", "fastvlm_request_latency_seconds_count",
-                 "fastvlm_queue_depth", "fastvlm_running_batch_size", "fastvlm_image_cache_hits_total",
-                 "fastvlm_image_cache_bytes", "fastvlm_requests_total{status=\"400\"}"):
+    for name in (
+        'fastvlm_requests_total{status="200"}',
+        "fastvlm_prompt_tokens_total",
+        "fastvlm_cached_tokens_total",
+        "fastvlm_generated_tokens_total",
+        "fastvlm_ttft_seconds_bucket",
+        "fastvlm_request_latency_seconds_count",
+        "fastvlm_queue_depth",
+        "fastvlm_running_batch_size",
+        "fastvlm_image_cache_hits_total",
+        "fastvlm_image_cache_bytes",
+        'fastvlm_requests_total{status="400"}',
+    ):
         assert name in text, name
 
 
@@ -296,7 +307,9 @@ def test_full_queue_is_429_with_retry_after():
     try:
         body = {"messages": [{"role": "user", "content": "Hello there."}], "max_tokens": 48}
         with ThreadPoolExecutor(6) as pool:
-            statuses = list(pool.map(lambda _: httpx.post(s.url + "/v1/chat/completions", json=body, timeout=120), range(6)))
+            statuses = list(
+                pool.map(lambda _: httpx.post(s.url + "/v1/chat/completions", json=body, timeout=120), range(6))
+            )
         refused = [r for r in statuses if r.status_code == 429]
         assert refused and all(r.headers.get("retry-after") for r in refused)
         assert_error(refused[0], 429, "busy")
@@ -336,7 +349,11 @@ def test_remote_images_only_when_allowed_and_never_redirected_elsewhere(local):
             elif self.path == "/same-host":
                 self.send_response(302), self.send_header("Location", "/photo.png"), self.end_headers()
             elif self.path == "/other-host":
-                self.send_response(302), self.send_header("Location", f"http://127.0.0.2:{port}/photo.png"), self.end_headers()
+                (
+                    self.send_response(302),
+                    self.send_header("Location", f"http://127.0.0.2:{port}/photo.png"),
+                    self.end_headers(),
+                )
             else:
                 big = b"\0" * (2 << 20)
                 self.send_response(200), self.send_header("Content-Length", str(len(big))), self.end_headers()
@@ -362,9 +379,13 @@ def test_remote_images_only_when_allowed_and_never_redirected_elsewhere(local):
             r = httpx.post(s.url + "/v1/chat/completions", json=body(path), timeout=120)
             assert r.status_code == 200, r.text
             assert r.json()["choices"][0]["message"]["content"] == expected
-        assert_error(httpx.post(s.url + "/v1/chat/completions", json=body("/other-host"), timeout=120), 400, "another host")
+        assert_error(
+            httpx.post(s.url + "/v1/chat/completions", json=body("/other-host"), timeout=120), 400, "another host"
+        )
         assert_error(httpx.post(s.url + "/v1/chat/completions", json=body("/big"), timeout=120), 400, "limit")
-        assert_error(httpx.post(plain.url + "/v1/chat/completions", json=body("/photo.png"), timeout=120), 400, "remote")
+        assert_error(
+            httpx.post(plain.url + "/v1/chat/completions", json=body("/photo.png"), timeout=120), 400, "remote"
+        )
     finally:
         s.stop()
         plain.stop()

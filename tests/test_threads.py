@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import FIXTURES, PHOTO, PHOTO2, ROOT
 from precision import requires_cpu_layer
 

@@ -6,7 +6,6 @@ user with a half-downloaded or foreign checkpoint learns why before any weight i
 
 import json
 from pathlib import Path
-from typing import Dict
 
 import mlx.core as mx
 
@@ -49,7 +48,9 @@ def weight_files(path: Path) -> list:
         names = sorted(set(weight_map.values()))
         missing = [n for n in names if not (path / n).is_file()]
         if missing:
-            raise FastVLMError(f"{path}: shard(s) listed in model.safetensors.index.json are missing: {', '.join(missing)}")
+            raise FastVLMError(
+                f"{path}: shard(s) listed in model.safetensors.index.json are missing: {', '.join(missing)}"
+            )
         return [path / n for n in names]
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -57,7 +58,7 @@ def weight_files(path: Path) -> list:
     return files
 
 
-def _read_safetensors(file: Path) -> Dict[str, mx.array]:
+def _read_safetensors(file: Path) -> dict[str, mx.array]:
     """One safetensors file; a truncated or corrupt file is reported by name."""
     try:
         size = file.stat().st_size
@@ -68,15 +69,19 @@ def _read_safetensors(file: Path) -> Dict[str, mx.array]:
             raise ValueError("bad header")
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
         if 8 + header_len + end > size:
-            raise FastVLMError(f"{file}: truncated ({size} bytes, its header needs {8 + header_len + end}); download it again")
+            raise FastVLMError(
+                f"{file}: truncated ({size} bytes, its header needs {8 + header_len + end}); download it again"
+            )
         return mx.load(str(file))
     except FastVLMError:
         raise
     except Exception as e:  # mlx raises plain RuntimeError/ValueError on corrupt files
-        raise FastVLMError(f"{file}: not a readable safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise FastVLMError(
+            f"{file}: not a readable safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
 
 
-def read_weights(path: Path) -> Dict[str, mx.array]:
+def read_weights(path: Path) -> dict[str, mx.array]:
     weights = {}
     for file in weight_files(path):
         for key, value in _read_safetensors(file).items():
@@ -95,7 +100,9 @@ def detect_format(config: dict, keys, path: Path) -> str:
     elif model_type == "fast_vlm":
         fmt = HF
         if not has("model.vision_tower.timm_model."):
-            raise FastVLMError(f"{path}: config says fast_vlm but no model.vision_tower.timm_model.* tensors were found")
+            raise FastVLMError(
+                f"{path}: config says fast_vlm but no model.vision_tower.timm_model.* tensors were found"
+            )
     elif model_type in ("llava_qwen2", "fastvlm"):
         if has("model.vision_tower.vision_tower.model."):
             fmt = APPLE

@@ -7,7 +7,6 @@ depthwise conv before it, so inference needs no BatchNorm at all.
 """
 
 import re
-from typing import Dict
 
 import mlx.core as mx
 
@@ -15,11 +14,13 @@ from ..errors import FastVLMError
 
 BN_EPS = 1e-5
 
-_POINTWISE = re.compile(r"vision_tower\..*(stem\.layers\.2|downsample\.pointwise|mlp\.fc[12]|se\.(reduce|expand))\.weight$")
+_POINTWISE = re.compile(
+    r"vision_tower\..*(stem\.layers\.2|downsample\.pointwise|mlp\.fc[12]|se\.(reduce|expand))\.weight$"
+)
 _LAYER_SCALE = re.compile(r"vision_tower\..*\.layer_scale(_1|_2)?$")
 
 
-def to_mlx_layout(weights: Dict[str, mx.array], torch_layout: bool) -> Dict[str, mx.array]:
+def to_mlx_layout(weights: dict[str, mx.array], torch_layout: bool) -> dict[str, mx.array]:
     """Conv weights to OHWI (when the source is PyTorch), 1x1 convs to (out, in), layer scales to (C,)."""
     out = {}
     for key, w in weights.items():
@@ -34,7 +35,7 @@ def to_mlx_layout(weights: Dict[str, mx.array], torch_layout: bool) -> Dict[str,
     return out
 
 
-def fold_batchnorm(weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
+def fold_batchnorm(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     """Replace each ``X.bn.*`` group by a scaled ``X.conv.weight`` and a new ``X.conv.bias``.
 
     BN(conv(x)) = conv(x) * g / sqrt(var + eps) + (b - mean * g / sqrt(var + eps)); the

@@ -9,10 +9,9 @@ checkpoint is never half-loaded.
 
 import re
 from collections import defaultdict
-from typing import Dict, Iterable, List, Optional, Tuple
+from collections.abc import Iterable
 
 from ..errors import FastVLMError
-
 from .files import APPLE, FASTVLM_MLX, HF, MLXVLM
 
 DROP = None  # a rule target meaning "known, and not used at run time"
@@ -45,7 +44,10 @@ _PREFIXES = {
 # Vision names in stage form (after the network list is resolved) -> module tree.
 _VISION_RULES = [
     (r"stem\.(?:blocks\.)?(\d)\.reparam_conv\.(weight|bias)", r"stem.layers.\1.\2"),
-    (r"stages\.(\d+)\.downsample\.proj\.0\.(?:lkb_reparam|reparam_conv)\.(weight|bias)", r"stages.\1.downsample.conv.\2"),
+    (
+        r"stages\.(\d+)\.downsample\.proj\.0\.(?:lkb_reparam|reparam_conv)\.(weight|bias)",
+        r"stages.\1.downsample.conv.\2",
+    ),
     (r"stages\.(\d+)\.downsample\.proj\.1\.reparam_conv\.(weight|bias)", r"stages.\1.downsample.pointwise.\2"),
     (r"stages\.(\d+)\.pos_emb\.reparam_conv\.(weight|bias)", r"stages.\1.pos_emb.\2"),
     (r"(stages\.\d+\.blocks\.\d+)\.token_mixer\.reparam_conv\.(weight|bias)", r"\1.token_mixer.\2"),
@@ -66,7 +68,7 @@ _VISION_RULES = [(re.compile(p + r"$"), t) for p, t in _VISION_RULES]
 _TEXT_DROP = re.compile(r".*rotary_emb\.inv_freq$")
 
 
-def _network_stages(names: Iterable[str]) -> Dict[int, Tuple[int, str]]:
+def _network_stages(names: Iterable[str]) -> dict[int, tuple[int, str]]:
     """Apple's flat ``network`` list -> {index: (stage, part)}; a downsample opens a new stage."""
     kinds = {}
     for name in names:
@@ -85,7 +87,7 @@ def _network_stages(names: Iterable[str]) -> Dict[int, Tuple[int, str]]:
     return stages
 
 
-def _apple_to_stage_form(name: str, stages: Dict[int, Tuple[int, str]]) -> str:
+def _apple_to_stage_form(name: str, stages: dict[int, tuple[int, str]]) -> str:
     name = re.sub(r"^patch_embed\.", "stem.", name)
     m = re.match(r"network\.(\d+)\.(.*)", name)
     if not m:
@@ -99,14 +101,14 @@ def _apple_to_stage_form(name: str, stages: Dict[int, Tuple[int, str]]) -> str:
     return f"stages.{stage}.pos_emb.{rest}"
 
 
-def _vision_target(name: str) -> Optional[str]:
+def _vision_target(name: str) -> str | None:
     for pattern, target in _VISION_RULES:
         if pattern.match(name):
             return DROP if target is DROP else pattern.sub(target, name)
     raise KeyError(name)
 
 
-def to_mlx_names(fmt: str, weights: Dict) -> Tuple[Dict, List[str]]:
+def to_mlx_names(fmt: str, weights: dict) -> tuple[dict, list[str]]:
     """Rename every tensor to the module tree.  Returns (renamed, dropped names).
 
     Raises FastVLMError listing the tensors that no rule recognises.

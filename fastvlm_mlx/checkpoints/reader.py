@@ -9,14 +9,12 @@ tied from the presence of ``lm_head.weight`` alone: Apple warns that the
 import json
 import re
 from pathlib import Path
-from typing import Dict, Optional, Tuple
 
 import mlx.core as mx
 
 from ..errors import FastVLMError
 from ..model import ModelConfig
 from ..vision import VisionConfig
-
 from .files import APPLE, FASTVLM_MLX, HF, MLXVLM, detect_format, read_config, read_weights
 from .fold import fold_batchnorm, to_mlx_layout
 from .keymap import to_mlx_names
@@ -45,7 +43,7 @@ def _json_or_empty(file: Path) -> dict:
         raise FastVLMError(f"{file}: not valid JSON") from None
 
 
-def _text_config(fmt: str, config: dict, weights: Dict[str, mx.array], path: Path) -> dict:
+def _text_config(fmt: str, config: dict, weights: dict[str, mx.array], path: Path) -> dict:
     source = config.get("text_config") if fmt in (HF, MLXVLM) and config.get("text_config") else config
     text = {k: source[k] for k in _QWEN2_FIELDS if source.get(k) is not None}
     missing = [k for k in _REQUIRED_TEXT if k not in text]
@@ -84,10 +82,14 @@ def _image_size(fmt: str, config: dict, path: Path) -> int:
     return DEFAULT_IMAGE_SIZE
 
 
-def infer_vision_config(weights: Dict[str, mx.array], image_size: int, head_dim: int = 32) -> VisionConfig:
+def infer_vision_config(weights: dict[str, mx.array], image_size: int, head_dim: int = 32) -> VisionConfig:
     """FastViTHD's shape from its (renamed, MLX-layout) tensors."""
     stage_ids = sorted({int(m.group(1)) for k in weights for m in [re.match(r"vision_tower\.stages\.(\d+)\.", k)] if m})
-    if not stage_ids or stage_ids != list(range(len(stage_ids))) or "vision_tower.final_conv.conv.weight" not in weights:
+    if (
+        not stage_ids
+        or stage_ids != list(range(len(stage_ids)))
+        or "vision_tower.final_conv.conv.weight" not in weights
+    ):
         raise FastVLMError("vision tower tensors are incomplete (stages or final conv missing)")
     layers, dims, mixers, pos_embs, ratios = [], [], [], [], set()
     for s in stage_ids:
@@ -118,7 +120,7 @@ def infer_vision_config(weights: Dict[str, mx.array], image_size: int, head_dim:
     )
 
 
-def input_width(weights: Dict[str, mx.array], layer: str, quantization: Optional[dict]) -> int:
+def input_width(weights: dict[str, mx.array], layer: str, quantization: dict | None) -> int:
     """A Linear layer's input width; a quantized layer packs 32 // bits weights into each uint32."""
     weight = weights[f"{layer}.weight"]
     if f"{layer}.scales" not in weights:
@@ -141,7 +143,7 @@ def _eos_ids(config: dict, path: Path) -> list:
     return ids
 
 
-def read_checkpoint(path: Path) -> Tuple[ModelConfig, Dict[str, mx.array]]:
+def read_checkpoint(path: Path) -> tuple[ModelConfig, dict[str, mx.array]]:
     """Read, rename, re-layout and fold any supported checkpoint; shapes are checked later by a strict load."""
     config = read_config(path)
     raw = read_weights(path)

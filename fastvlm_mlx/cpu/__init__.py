@@ -29,9 +29,13 @@ SWITCHES = {
     "FASTVLM_MLX_MALLOC": "0/off/none/false/no: leave glibc malloc's thresholds alone (heap.py)",
     "FASTVLM_MLX_CPU": "0/off/none/false/no: run the plain model on the CPU too, without the CPU variants",
     "FASTVLM_MLX_CPU_STREAMS": "1: keep the vision tower in one CPU stream (vision.py)",
-    "FASTVLM_MLX_SKINNY": "0/off/none/false/no: decode with MLX's matmul, not the compiled few-row kernel, and widen "
-                          "a bfloat16 checkpoint's decoder weights at load (skinny.py)",
-    "FASTVLM_MLX_DEPTHWISE": "compiled (default), native, shift or toeplitz: the CPU depthwise-conv path (depthwise.py)",
+    "FASTVLM_MLX_SKINNY": (
+        "0/off/none/false/no: decode with MLX's matmul, not the compiled few-row kernel, and widen "
+        "a bfloat16 checkpoint's decoder weights at load (skinny.py)"
+    ),
+    "FASTVLM_MLX_DEPTHWISE": (
+        "compiled (default), native, shift or toeplitz: the CPU depthwise-conv path (depthwise.py)"
+    ),
 }
 
 CPU_ENV = "FASTVLM_MLX_CPU"

@@ -24,7 +24,7 @@ static inline v16 vmax(v16 a, v16 b) {
     return (v16)((a_wins & (i16)a) | (~a_wins & (i16)b));
 }
 
-/* exp(y) for y <= 0 (the same method as kernels.exp_nonpositive): y clamped at -64, whose exponential
+/* exp(y) for y <= 0 (the same method as formulas.exp_nonpositive): y clamped at -64, whose exponential
  * 1.6e-28 vanishes beside a row sum of at least 1 and keeps the next matmul clear of subnormal floats;
  * n = round(y / ln 2), f = y - n ln 2 in two exact parts, a degree-6 fit of exp(f), times 2^n. */
 static inline v16 exp_nonpositive(v16 y) {
@@ -120,8 +120,8 @@ void attention_f32(void *sgemm, const float *q, const float *k, const float *v, 
 
 /* ----------------------------------------------------------------------------------------- decode steps
  * One new position per sequence, attending to the KV cache and to itself, with the rotary embedding (rotated
- * halves) applied to its query and key first.  Through MLX's CPU ops this handful of floats took ~0.4 ms a
- * layer, most of it scheduling and waiting for MLX's stream; here it is a few microseconds of arithmetic.
+ * halves) applied to its query and key first.  Through MLX's CPU ops this handful of floats costs mostly
+ * scheduling and waiting for MLX's stream; here it costs only its arithmetic.
  *
  * q (B, H, D), k and v (B, G, D): the new position's projections before the rope; each of the G k/v heads
  * serves H / G consecutive query heads.  cache_k and cache_v hold the `cached` earlier positions of each

@@ -4,15 +4,14 @@ the one new position of a decode step.
 For the tower's stage 3 (24 heads, 1024 positions) MLX's CPU ops make ~10 passes over a 100 MB score
 array, mostly single-threaded; ``attention.c`` never writes that array out.  It needs the process's
 optimized BLAS (``blas.py``) for its two sgemm calls per block; without one (or without a C compiler)
-``blocked_attention`` returns None and ``kernels.attention_cpu`` computes the same maths with MLX ops.
+``blocked_attention`` returns None and ``formulas.attention_cpu`` computes the same maths with MLX ops.
 
 A decode step's attention (``one_position``, for ``cpu.decoder``) is a few thousand multiply-adds a layer,
-which MLX's CPU ops took ~0.4 ms to schedule and run; the kernel reads the KV cache's memory as it is and
+which through MLX's CPU ops costs mostly scheduling and waiting; the kernel reads the KV cache's memory as it is and
 needs no BLAS.
 """
 
 import ctypes
-from typing import Optional
 
 import mlx.core as mx
 import numpy as np
@@ -25,7 +24,12 @@ _kernel = None  # (the ctypes function, the sgemm address), or False where it ca
 def kernel():
     global _kernel
     if _kernel is None:
-        _kernel = native.blas_kernel("attention_f32", [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [ctypes.c_float] + [ctypes.c_int] * 2) or False
+        _kernel = (
+            native.blas_kernel(
+                "attention_f32", [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [ctypes.c_float] + [ctypes.c_int] * 2
+            )
+            or False
+        )
     return _kernel or None
 
 
@@ -47,8 +51,8 @@ def one_position_kernel():
 
 
 def one_position(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache_keys: mx.array, cache_values: mx.array,
-                 cached: int, positions: np.ndarray, inv_freq: np.ndarray, keep: Optional[np.ndarray],
-                 scale: float) -> Optional[tuple]:
+                 cached: int, positions: np.ndarray, inv_freq: np.ndarray, keep: np.ndarray | None,
+                 scale: float) -> tuple | None:
     """A decode step's attention: q (B, H, D), k and v (B, G, D) float32, the new position's projections before
     the rope; the cache's (B, G, capacity, D) key and value buffers holding ``cached`` positions; each sequence's
     position (B,); the rope's frequencies (it rotates the first 2 * len(inv_freq) dimensions, halves as in
@@ -76,8 +80,8 @@ def one_position(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache_keys: mx.arr
     return out.reshape(b, heads * dim), k_roped
 
 
-def blocked_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool = False) -> Optional[mx.array]:
-    """``kernels.attention_cpu``'s result for float32 (B, heads, L, D) q and (B, kv_heads, S, D) k, v, or
+def blocked_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool = False) -> mx.array | None:
+    """``formulas.attention_cpu``'s result for float32 (B, heads, L, D) q and (B, kv_heads, S, D) k, v, or
     None where the kernel cannot run (no compiler or BLAS, or inside mx.compile)."""
     found = kernel()
     if found is None:

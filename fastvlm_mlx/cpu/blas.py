@@ -1,8 +1,8 @@
 """Make MLX's Linux CPU build use an optimized BLAS, and say so when it cannot.
 
-The Linux CPU wheel of MLX (mlx-cpu) links against the bundled reference BLAS, which runs an fp32
-matmul at about 5 GFLOP/s; OpenBLAS or MKL run the same matmul 30-40x faster.  A library loaded with
-RTLD_GLOBAL *before* mlx.core is first imported is searched before mlx's own dependencies, so its
+The Linux CPU wheel of MLX (mlx-cpu) links against the bundled reference BLAS, a plain single-threaded
+implementation; OpenBLAS or MKL run the same fp32 matmuls many times faster (``python -m benchmarks.blas``).
+A library loaded with RTLD_GLOBAL *before* mlx.core is first imported is searched before mlx's own dependencies, so its
 cblas_sgemm (and LAPACK) symbols are the ones MLX binds to.  This has to happen before the first
 `import mlx.core` anywhere in the process, which is why the package calls `load_fast_blas()` first.
 
@@ -214,10 +214,9 @@ def is_reference(path) -> bool:
 def _try_load(path):
     try:
         lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-        lib.cblas_sgemm  # a library without cblas would not replace anything
-    except (OSError, AttributeError):
+    except OSError:
         return False
-    return True
+    return hasattr(lib, "cblas_sgemm")  # a library without cblas would not replace anything
 
 
 def load_fast_blas():
@@ -270,7 +269,10 @@ def _thread_controls():
         lib = ctypes.CDLL(loaded)
     except OSError:
         return None
-    for get, set_ in (("openblas_get_num_threads", "openblas_set_num_threads"), ("MKL_Get_Max_Threads", "MKL_Set_Num_Threads")):
+    for get, set_ in (
+        ("openblas_get_num_threads", "openblas_set_num_threads"),
+        ("MKL_Get_Max_Threads", "MKL_Set_Num_Threads"),
+    ):
         if hasattr(lib, get) and hasattr(lib, set_):
             return getattr(lib, get), getattr(lib, set_)
     return None

@@ -12,22 +12,22 @@ prefill's BLAS matmuls take a widened copy.
 """
 
 import functools
-from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.models import qwen2
 from mlx_lm.models.base import scaled_dot_product_attention
+
 from ..lm_internals import become, filled_length, is_plain_kv_cache, is_quantized_cache
 from . import skinny
 from .attention import one_position
-from .kernels import attention, on_cpu_float32, swiglu
+from .formulas import attention, on_cpu_float32, swiglu
 
 
 class CpuAttention(qwen2.Attention):
-    """Steps of more than one position (the prefill) use ``kernels.attention``, whose softmax is 7x faster
-    than MLX's on the CPU; ``CpuTransformerBlock``'s decode steps use ``attend_one_position``; other one-token
+    """Steps of more than one position (the prefill) use ``formulas.attention``, whose softmax is vectorized
+    where MLX's CPU exp is scalar; ``CpuTransformerBlock``'s decode steps use ``attend_one_position``; other one-token
     steps, quantized KV caches, explicit mask arrays and other dtypes go to mlx-lm's own code."""
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
@@ -39,7 +39,7 @@ class CpuAttention(qwen2.Attention):
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, mask, cache) -> mx.array:
         """What lies between the projections, as in mlx-lm: split the heads, rope, the KV cache, softmax
-        attention (``kernels.attention`` for a prefill, mlx-lm's for a decode step and its masks)."""
+        attention (``formulas.attention`` for a prefill, mlx-lm's for a decode step and its masks)."""
         b, length, _ = q.shape
         q, k, v = (
             a.reshape(b, length, heads, -1).transpose(0, 2, 1, 3)
@@ -55,11 +55,11 @@ class CpuAttention(qwen2.Attention):
             out = attention(q, k, v, self.scale, causal=mask == "causal")
         return out.transpose(0, 2, 1, 3).reshape(b, length, -1)
 
-    def attend_one_position(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask, cache) -> Optional[np.ndarray]:
+    def attend_one_position(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask, cache) -> np.ndarray | None:
         """``attend`` for a decode step on NumPy rows, (sequences, width) in and out: the rope and the attention
         in ``attention.c``, which reads mlx-lm's cache as it is; the new key and value go into that cache
-        without waiting for it. MLX's CPU rope and attention took ~0.4 ms a layer for these few thousand
-        floats. None where this does not apply (other caches, additive masks, other rope variants, no
+        without waiting for it. Through MLX's CPU ops these few thousand floats cost mostly scheduling and
+        waiting for MLX's stream. None where this does not apply (other caches, additive masks, other rope variants, no
         compiler): the caller then takes ``attend``."""
         if not is_plain_kv_cache(cache) or not _plain_rope(self.rope):
             return None
@@ -74,7 +74,7 @@ class CpuAttention(qwen2.Attention):
         mx.async_eval(cache.keys, cache.values, *([cache.offset] if isinstance(cache.offset, mx.array) else []))
         return out
 
-    def _attend_cached(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask, cache) -> Optional[tuple]:
+    def _attend_cached(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask, cache) -> tuple | None:
         """(out, roped key) from the cache as it stands, or None. A function of its own so that its NumPy views
         of the cache's buffers are gone when the caller updates the cache (else MLX copies the whole buffer)."""
         cached = filled_length(cache)  # positions in the buffers
@@ -105,15 +105,20 @@ def _kept_keys(mask, sequences: int, keys: int):
     does not take (additive ones, several query positions)."""
     if mask is None or isinstance(mask, str):  # "causal": the one new position sees the whole cache
         return None
-    if mask.dtype != mx.bool_ or mask.ndim not in (2, 4) or mask.shape[-1] != keys or mask.size // keys not in (1, sequences):
+    if (
+        mask.dtype != mx.bool_
+        or mask.ndim not in (2, 4)
+        or mask.shape[-1] != keys
+        or mask.size // keys not in (1, sequences)
+    ):
         return False
     kept = np.asarray(mask).reshape(-1, keys)
     return np.broadcast_to(kept, (sequences, keys))
 
 
 class CpuMLP(qwen2.MLP):
-    """The SiLU gate is ``kernels.swiglu``: 7x faster than MLX's scalar sigmoid on the CPU, which took a
-    quarter of a 300-position prefill."""
+    """The SiLU gate is ``formulas.swiglu``, vectorized: MLX's CPU sigmoid is scalar, which made the gate a large
+    share of a prefill."""
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
@@ -152,10 +157,10 @@ class CpuTransformerBlock(qwen2.TransformerBlock):
     """A decode step (one position of at most 8 sequences) with its norms, SiLU gate and residuals in NumPy.
 
     These are a few thousand floats per step, but handing each matmul's input from MLX to ``skinny`` means
-    waiting for MLX's CPU stream (70-250 us on a 2-vCPU machine, most of it waking the idle vCPU), four
-    times a layer. With the small maths in NumPy and the rope and attention in ``attention.c``
-    (``CpuAttention.attend_one_position``), a layer does not wait for MLX at all: the new key and value go into
-    mlx-lm's KV cache asynchronously. Other caches and masks take mlx-lm's attention, one wait a layer.
+    waiting for MLX's CPU stream (most of it the time to wake its idle thread), four times a layer. With the
+    small maths in NumPy and the rope and attention in ``attention.c`` (``CpuAttention.attend_one_position``),
+    a layer does not wait for MLX at all: the new key and value go into mlx-lm's KV cache asynchronously.
+    Other caches and masks take mlx-lm's attention, one wait a layer.
     Prefills, and layers that are sharded, quantized or not float32, run as mlx-lm's block does."""
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
@@ -174,7 +179,7 @@ class CpuTransformerBlock(qwen2.TransformerBlock):
         h = h + _linear(_silu(_linear(hn, gate_proj)) * _linear(hn, up_proj), down_proj)
         return mx.array(h[:, None])  # evaluated: the next layer starts without waiting
 
-    def _decode_input(self, x: mx.array, cache) -> Optional[tuple]:
+    def _decode_input(self, x: mx.array, cache) -> tuple | None:
         """(x as a (sequences, hidden) NumPy array, each linear layer as a (weight memory, bias or None) pair) when
         this is a decode step the NumPy path takes, else None."""
         if x.ndim != 3 or x.shape[1] != 1 or not 0 < x.shape[0] <= skinny.MAX_ROWS or not on_cpu_float32(x):

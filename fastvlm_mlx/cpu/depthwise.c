@@ -3,7 +3,7 @@
  * x is (planes, H, W) with planes = B * C; w is (C * m, k, k) (m output channels per input channel, as
  * nn.Conv2d's groups = C); bias is (C * m) or NULL; out is (B * C * m, Ho, Wo), with 'same' padding k / 2
  * and stride s.  A depthwise conv does k * k multiply-adds per output, far too few for a matmul to pay
- * off, and MLX's CPU grouped conv runs it under 1 GFLOP/s.  Here each pool thread takes whole output
+ * off, and MLX's CPU grouped conv runs it slowly.  Here each pool thread takes whole output
  * planes: it copies the input plane, zero-padded and split into s column phases (for stride 2: even and
  * odd columns), into a buffer that stays in its cache, so that every tap of the kernel is a run of
  * contiguous vector loads, and sums the taps into up to 64 outputs of a row held in registers.

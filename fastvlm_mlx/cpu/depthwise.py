@@ -1,15 +1,14 @@
-"""Depthwise convs on the CPU: MLX's CPU grouped conv runs under 1 GFLOP/s.
+"""Depthwise convs on the CPU, where MLX's grouped conv is slow (benchmarks/RESULTS.md has the figures).
 
 ``depthwise_conv2d`` is the one entry point.  The default is the compiled ``depthwise.c`` (channels-first,
-6-11x faster than the Toeplitz matmuls at the tower's shapes on a 2-core Xeon); where it cannot be built,
-and for other dtypes, the Toeplitz BLAS matmuls.  ``FASTVLM_MLX_DEPTHWISE=compiled|native|shift|toeplitz``
-forces a path (for tests and benchmarks).
+the direct multiply-adds from a padded copy in the core's cache, the fastest path at the tower's shapes);
+where it cannot be built, and for other dtypes, the Toeplitz BLAS matmuls.
+``FASTVLM_MLX_DEPTHWISE=compiled|native|shift|toeplitz`` forces a path (for tests and benchmarks).
 """
 
 import ctypes
 import os
-from functools import lru_cache
-from typing import Optional
+from functools import cache
 
 import mlx.core as mx
 import numpy as np
@@ -18,7 +17,7 @@ from . import native
 
 
 def _depthwise_native(x: mx.array, weight: mx.array, stride: int = 1) -> mx.array:
-    """MLX's grouped conv (NHWC): the right choice on Metal/CUDA, but under 1 GFLOP/s on the CPU."""
+    """MLX's grouped conv (NHWC): the right choice on Metal/CUDA, but slow on the CPU."""
     pad = weight.shape[1] // 2
     return mx.conv2d(x, weight, stride=stride, padding=pad, groups=x.shape[-1])
 
@@ -43,12 +42,13 @@ def _depthwise_shift(x: mx.array, weight: mx.array, stride: int = 1) -> mx.array
 
 
 def _toeplitz_tile(stride: int, out_width: int) -> int:
-    """Output columns per matmul row.  Measured at the FastViTHD shapes (NCHW, 2-core x86): 16 is 1.2-1.5x
-    faster than 8 for stride-1 convs over 64-128 columns; 8 is best elsewhere (32 is slower everywhere)."""
+    """Output columns per matmul row: the width that ran fastest at FastViTHD's shapes (NCHW), 16 for stride-1
+    convs over 64-128 columns and 8 elsewhere.  A wider tile makes fewer, larger matmuls but wastes more of
+    their multiply-adds on the band's zeros."""
     return 16 if stride == 1 and 64 <= out_width <= 128 else 8
 
 
-@lru_cache(maxsize=None)
+@cache
 def _toeplitz_pattern(k: int, tile: int, stride: int):
     """Which kernel column feeds (input column a, output column t) of one tile, and whether any does."""
     span = stride * (tile - 1) + k
@@ -75,7 +75,7 @@ def _depthwise_toeplitz(x: mx.array, weight: mx.array, stride: int = 1) -> mx.ar
     Each output row is cut into tiles of T columns; a tile is (input tile of s*(T-1)+k columns) @ (banded
     Toeplitz matrix of one kernel row), and the k kernel rows are k row-shifted views of the same gathered
     tiles, accumulated with addmm.  The matmuls do (s*(T-1)+k)/k times the direct FLOPs (2x at k=7, T=8)
-    but run in BLAS, 10-20x faster than MLX's CPU grouped conv.  Same sums, different order: agrees with
+    but run in BLAS, far faster than MLX's CPU grouped conv.  Same sums, different order: agrees with
     mx.conv2d to a few 1e-7 relative.
     """
     b, c, h, w = x.shape
@@ -184,7 +184,7 @@ def to_channels_last(x: mx.array) -> mx.array:
 
 
 def depthwise_conv2d(
-    x: mx.array, weight: mx.array, stride: int = 1, channels_first: bool = False, impl: Optional[str] = None
+    x: mx.array, weight: mx.array, stride: int = 1, channels_first: bool = False, impl: str | None = None
 ) -> mx.array:
     """Grouped conv with one group per input channel ('same' padding, odd kernel), in x's layout.
 

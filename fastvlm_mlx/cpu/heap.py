@@ -3,11 +3,11 @@
 MLX's Linux CPU backend allocates each array with malloc and has no buffer cache.  glibc serves
 requests above its mmap threshold (at most 32 MB by default) with a fresh mmap and unmaps them on
 free, so every new 50-100 MB activation of the vision tower (the stem, stages 0-1, the attention
-scores) is page-faulted in again, 4 KiB at a time: an elementwise op over 100 MB takes 60 ms instead
-of 10.  Raising the mmap and trim thresholds makes those buffers come from, and go back to, the
+scores) is page-faulted in again, 4 KiB at a time, and an elementwise op over such a buffer spends most
+of its time on the page faults.  Raising the mmap and trim thresholds makes those buffers come from, and go back to, the
 heap, where the next op reuses them.  Freed memory stays with the process (up to the trim threshold),
-as it does in MLX's own Metal buffer cache: MLX's peak is unchanged, process RSS measured 4% higher
-(3.67 -> 3.82 GB for the 0.5B benchmark) for a vision encode 15% faster.
+as it does in MLX's own Metal buffer cache: MLX's peak is unchanged, the process's RSS grows a little,
+and the vision encode is faster (benchmarks/RESULTS.md has the figures).
 
 Environment variable FASTVLM_MLX_MALLOC: ``0``/``off``/``false``/``no`` leaves malloc alone.
 """

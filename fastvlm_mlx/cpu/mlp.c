@@ -17,7 +17,7 @@
 static inline v16 vabs(v16 x) { return (v16)((i16)x & 0x7fffffff); }
 
 /* Exact GELU, x (1/2 + erf(x / sqrt 2) / 2), with erf(s) = s P(s^2) / Q(s^2) on s clamped to [-4, 4]
- * (the rational form and coefficients of Eigen's float erf, as kernels.gelu_exact). */
+ * (the rational form and coefficients of Eigen's float erf, as formulas.gelu_exact). */
 static inline v16 gelu(v16 x) {
     v16 s = x * 0.70710678118654752f;
     v16 c = splat(4.0f);

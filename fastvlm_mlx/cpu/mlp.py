@@ -8,7 +8,6 @@ the caller computes the same maths with MLX ops.
 """
 
 import ctypes
-from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -26,12 +25,12 @@ def kernel():
     return _kernel or None
 
 
-def _pointer(a: Optional[np.ndarray]):
+def _pointer(a: np.ndarray | None):
     return None if a is None else a.ctypes.data
 
 
 def fused_mlp(x: mx.array, residual: mx.array, fc1: nn.Linear, fc2: nn.Linear, scale: mx.array,
-              channels_last: bool) -> Optional[mx.array]:
+              channels_last: bool) -> mx.array | None:
     """``residual + scale * fc2(gelu(fc1(x)))`` over the channel axis of float32 (B, C, H, W) arrays, or of
     (B, H, W, C) ones with ``channels_last``; None where the kernel cannot run."""
     found = kernel()

@@ -1,6 +1,7 @@
 /* A persistent pool of worker threads for the C kernels (skinny.c, attention.c).
  *
- * A decode step makes ~170 kernel calls ~30 us apart, and starting a thread per call cost ~40 us each.
+ * A decode step makes a kernel call for every matmul of every layer, in quick succession, and starting a thread
+ * per call would cost as much as the smaller calls themselves.
  * Workers spin briefly for the next call (it usually comes within the spin), then sleep on a condition
  * variable, so an idle pool costs nothing.  A forked child has none of the parent's threads: it starts
  * a pool of its own.

@@ -18,7 +18,6 @@ Environment variable FASTVLM_MLX_SKINNY: ``0``/``off``/``false``/``no`` keeps ML
 
 import ctypes
 import warnings
-from typing import Optional
 
 import mlx.core as mx
 import numpy as np
@@ -55,12 +54,14 @@ def kernels() -> dict:
                 bf16.restype = ctypes.c_int  # -1: no memory for x's rows rearranged
                 _kernels = {np.dtype(np.float32): native.function("skinny_matmul", args), np.dtype(np.uint16): bf16}
             except Exception as e:  # noqa: BLE001 - a missing compiler must not stop the model
-                warnings.warn(f"fastvlm_mlx: decoding and attention use MLX's slower CPU ops: could not build the C kernels: {e}",
-                              stacklevel=2)
+                warnings.warn(
+                    f"fastvlm_mlx: decoding and attention use MLX's slower CPU ops: could not build the C kernels: {e}",
+                    stacklevel=2,
+                )
     return _kernels
 
 
-def weight_memory(weight: mx.array) -> Optional[np.ndarray]:
+def weight_memory(weight: mx.array) -> np.ndarray | None:
     """An evaluated weight's memory as a NumPy array without a copy: float32 as it is, bfloat16 as its raw
     16-bit patterns (NumPy has no bfloat16); None for other dtypes or a weight that is not C-contiguous."""
     if weight.dtype == mx.float32:
@@ -72,7 +73,7 @@ def weight_memory(weight: mx.array) -> Optional[np.ndarray]:
     return None
 
 
-def matmul(x: mx.array, weight: mx.array) -> Optional[mx.array]:
+def matmul(x: mx.array, weight: mx.array) -> mx.array | None:
     """``x @ weight.T`` through the kernel for at most MAX_ROWS float32 rows on the CPU and a float32 or bfloat16
     weight; None where it does not apply (more rows, other dtypes or devices, a weight that is not contiguous,
     or inside mx.compile)."""

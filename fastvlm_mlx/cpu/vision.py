@@ -16,7 +16,6 @@ The attention stages, the final conv and the output stay channels-last, as in th
 
 import os
 import threading
-from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -26,7 +25,7 @@ from ..vision import AttentionBlock, FastViTHD, FinalConv, PatchEmbed, RepMixerB
 from . import mlp
 from .blas import blas_threads
 from .depthwise import computes_channels_first, depthwise_conv2d, to_channels_first, to_channels_last
-from .kernels import attention, gelu
+from .formulas import attention, gelu
 
 _STREAMS_ENV = "FASTVLM_MLX_CPU_STREAMS"
 
@@ -72,7 +71,7 @@ def pointwise(layer: nn.Linear, x: mx.array, channels_first: bool) -> mx.array:
 
 def _conv3x3_s2_channels_first(conv: nn.Conv2d, x: mx.array) -> mx.array:
     """The stem's dense 3x3 stride-2 conv from an NHWC image straight to NCHW output, as one GEMM over
-    9*C_in-row patches (transposing the conv's NHWC output instead costs 5x the conv)."""
+    9*C_in-row patches (transposing the conv's NHWC output instead costs more than the conv)."""
     b, h, w, c = x.shape
     ho, wo = (h + 1) // 2, (w + 1) // 2
     hp, wp = 2 * ho + 1, 2 * wo + 1
@@ -135,7 +134,7 @@ def _repmixer_block_in_two_streams(block: RepMixerBlock, x: mx.array) -> mx.arra
 
 
 def attention_block(block: AttentionBlock, x: mx.array) -> mx.array:
-    """NHWC; ``kernels.attention`` spreads the heads over the cores itself."""
+    """NHWC; ``formulas.attention`` spreads the heads over the cores itself."""
     attn = block.token_mixer
     b, h, w, c = x.shape
     qkv = attn.qkv(block.norm(x).reshape(b, h * w, c))
@@ -160,7 +159,8 @@ def stage(block: Stage, x: mx.array, channels_first: bool) -> mx.array:
         return x
     if blocks_in_two_streams(channels_first):
         # The blocks run as two halves in two streams; their GEMMs must run with one BLAS thread each,
-        # so they are evaluated here, inside that setting: 64x64x384 blocks 77 -> 68 ms, 128x128x192 101 -> 85 ms.
+        # so they are evaluated here, inside that setting (two streams of multi-threaded GEMMs would fight for the
+        # cores).
         mx.eval(x)
         with blas_threads(1):
             for b in block.blocks:
@@ -179,7 +179,7 @@ def final_conv(block: FinalConv, x: mx.array) -> mx.array:
 class CpuFastViTHD(FastViTHD):
     """``FastViTHD`` with the CPU schedule above; ``fastvlm_mlx.cpu.install`` turns a loaded tower into one."""
 
-    def parts(self, channels_first: Optional[bool] = None):
+    def parts(self, channels_first: bool | None = None):
         """(name, fn) steps as the plain tower's.  ``channels_first`` picks the conv-stage layout; by default
         that of the depthwise path in use (NCHW for the Toeplitz matmuls)."""
         if channels_first is None:
@@ -198,10 +198,9 @@ class CpuFastViTHD(FastViTHD):
     def _stage_step(s: Stage, channels_first: bool, to_last: bool):
         return lambda x: stage(s, to_channels_last(x) if to_last else x, channels_first)
 
-    def __call__(self, pixels: mx.array, channels_first: Optional[bool] = None) -> mx.array:
+    def __call__(self, pixels: mx.array, channels_first: bool | None = None) -> mx.array:
         """Several images go through one at a time: at 1024 px one image already makes every GEMM large,
-        and 8 images in one pass measured 8.3 s per image against 6.1 s alone (their activations
-        outgrow the caches)."""
+        and several images in one pass take longer per image (their activations outgrow the caches)."""
         if pixels.shape[0] > 1:
             features = []
             for i in range(pixels.shape[0]):

@@ -5,12 +5,12 @@ vectorizes, but only when (a) every input is contiguous with the output's shape 
 makes the loop strided and scalar), (b) no op in the loop is a branchy one such as ``maximum`` or
 ``minimum`` (their NaN checks keep the whole loop scalar) and (c) no path through the graph is more
 than 11 ops deep (MLX's fusion limit; a deeper graph is cut into several kernels, some of them
-strided).  MLX's own CPU ``erf`` and ``exp`` are scalar: 25 and 13 ns per element.  The functions
+strided).  MLX's own CPU ``erf`` and ``exp`` are scalar.  The functions
 here keep to those rules: clamping uses ``abs``, polynomials use Estrin's scheme (depth log2 of the
 degree instead of the degree), and each computation is cut by hand into kernels within the limit.
 
-Measured on a 2-core x86 CPU (float32): GELU 7.6 -> 1.1 ns per element, the exponential 13.8 ->
-1.6 ns, the decoder's SiLU gate 7x faster.  All stay within a few 1e-7 relative of float64 results
+So GELU, the exponential and the decoder's SiLU gate run vectorized (benchmarks/RESULTS.md has the
+figures).  All stay within a few 1e-7 relative of float64 results
 (MLX's own exp: 4e-6).  GPUs and other dtypes keep MLX's own ops (``gelu``, ``swiglu`` and
 ``attention`` decide, through ``on_cpu_float32``).
 """
@@ -25,7 +25,8 @@ from .attention import blocked_attention
 
 
 def _estrin(coeffs, u: mx.array) -> mx.array:
-    """sum(c_i * u**i) for up to 8 ascending coefficients: 3 multiply-add tiers deep, where Horner needs one per degree."""
+    """sum(c_i * u**i) for up to 8 ascending coefficients: 3 multiply-add tiers deep, where Horner needs one per
+    degree."""
     if len(coeffs) > 8:
         raise ValueError("_estrin takes at most 8 coefficients")
     u2 = u * u
@@ -82,8 +83,8 @@ _LOG2E = 1.4426950408889634
 _LN2_HI, _LN2_LO = 0.693359375, -2.12194440e-4  # LN2_HI has 9 significant bits: n * LN2_HI is exact
 _ROUND = 12582912.0  # 1.5 * 2^23: (t + _ROUND) - _ROUND rounds t to the nearest integer in float32
 # exp(-64) = 1.6e-28 is nothing beside a softmax row sum of at least 1, and unlike exp(-87) = 1.6e-38
-# its products with ordinary values stay normal floats: denormal arithmetic in the following matmul
-# measured 2.3x slower.
+# its products with ordinary values stay normal floats: denormal arithmetic would slow the following
+# matmul down.
 _EXP_FLOOR = -64.0
 _EXP_POLY = (1.000000000592, 1.000000036134, 0.4999999149164, 0.1666642079678, 0.04166835815592,
              0.008374774507024, 0.001382942431378)  # fit minimizing the relative error at Chebyshev nodes
