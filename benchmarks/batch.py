@@ -57,8 +57,23 @@ def run_ours(model: Path, folder: Path, batch: int, max_tokens: int, ranks: int 
 
 
 def _run_ours(out: Path, model: Path, folder: Path, batch: int, max_tokens: int, ranks: int, parallel: str) -> dict:
-    cmd = [sys.executable, "-m", "fastvlm_mlx.batch", "--model", str(model), "--input", str(folder), "--output",
-           str(out), "--prompt", PROMPT, "--batch-size", str(batch), "--max-tokens", str(max_tokens)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fastvlm_mlx.batch",
+        "--model",
+        str(model),
+        "--input",
+        str(folder),
+        "--output",
+        str(out),
+        "--prompt",
+        PROMPT,
+        "--batch-size",
+        str(batch),
+        "--max-tokens",
+        str(max_tokens),
+    ]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     if ranks == 1:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=7200, cwd=ROOT)
@@ -68,9 +83,17 @@ def _run_ours(out: Path, model: Path, folder: Path, batch: int, max_tokens: int,
 
         hostfile = out.with_name("hosts.json")
         hostfile.write_text(json.dumps(local_hosts(ranks)))
-        procs = [subprocess.Popen(cmd + ["--parallel", parallel], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True, cwd=ROOT, env=dict(env, MLX_RANK=str(r), MLX_HOSTFILE=str(hostfile)))
-                 for r in range(ranks)]
+        procs = [
+            subprocess.Popen(
+                cmd + ["--parallel", parallel],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=ROOT,
+                env=dict(env, MLX_RANK=str(r), MLX_HOSTFILE=str(hostfile)),
+            )
+            for r in range(ranks)
+        ]
         try:
             stderr = procs[0].communicate(timeout=7200)[1]
             for p in procs[1:]:
@@ -85,8 +108,11 @@ def _run_ours(out: Path, model: Path, folder: Path, batch: int, max_tokens: int,
     errors = [r["error"] for r in records if "error" in r]
     if errors:
         raise RuntimeError(f"fastvlm_mlx.batch failed on {len(errors)} images: {errors[0]}")
-    return dict(images=len(records), images_per_s=float(m.group(1)),
-                generated_tokens=sum(r["generation_tokens"] for r in records))
+    return dict(
+        images=len(records),
+        images_per_s=float(m.group(1)),
+        generated_tokens=sum(r["generation_tokens"] for r in records),
+    )
 
 
 def run_mlxvlm(model: Path, paths: list, batch: int, max_tokens: int) -> dict:
@@ -131,15 +157,22 @@ def run_hf(size: str, paths: list, batch: int, max_tokens: int, resolution: int)
     ids = pre + [cfg.image_token_id] * ((resolution // 64) ** 2) + post
 
     def pixels(chunk):
-        arrays = [np.asarray(Image.open(p).convert("RGB").resize((resolution, resolution)), dtype=np.float32) / 255
-                  for p in chunk]
+        arrays = [
+            np.asarray(Image.open(p).convert("RGB").resize((resolution, resolution)), dtype=np.float32) / 255
+            for p in chunk
+        ]
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
     def run(chunk, n_tokens):
         with torch.inference_mode():
-            out = model.generate(input_ids=torch.tensor([ids] * len(chunk)), pixel_values=pixels(chunk),
-                                 attention_mask=torch.ones(len(chunk), len(ids), dtype=torch.long),
-                                 max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False)
+            out = model.generate(
+                input_ids=torch.tensor([ids] * len(chunk)),
+                pixel_values=pixels(chunk),
+                attention_mask=torch.ones(len(chunk), len(ids), dtype=torch.long),
+                max_new_tokens=n_tokens,
+                min_new_tokens=n_tokens,
+                do_sample=False,
+            )
         return (out.shape[1] - len(ids)) * len(chunk)
 
     run(paths[:1], 2)  # warm-up
@@ -147,13 +180,22 @@ def run_hf(size: str, paths: list, batch: int, max_tokens: int, resolution: int)
     for i in range(0, len(paths), batch):
         tokens += run(paths[i : i + batch], max_tokens)
     wall = time.perf_counter() - t0
-    return dict(images=len(paths), images_per_s=len(paths) / wall, generated_tokens=tokens,
-                torch_threads=torch.get_num_threads())
+    return dict(
+        images=len(paths),
+        images_per_s=len(paths) / wall,
+        generated_tokens=tokens,
+        torch_threads=torch.get_num_threads(),
+    )
 
 
 def _peer_process(system: str, spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.batch", "--worker", system, json.dumps(spec)],
-                          capture_output=True, text=True, timeout=7200, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.batch", "--worker", system, json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        timeout=7200,
+        cwd=ROOT,
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         return dict(error=(proc.stderr.strip().splitlines() or ["no output"])[-1])
@@ -164,8 +206,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.batch", description=__doc__.split("\n\n")[0])
     p.add_argument("--model-size", default="0.5B", choices=["0.5B", "1.5B", "7B"])
     p.add_argument("--checkpoint", type=Path, default=None)
-    p.add_argument("--weights", default="bfloat16", choices=["bfloat16", "float32"],
-                   help="what the random-weight checkpoint stores (every system computes in float32)")
+    p.add_argument(
+        "--weights",
+        default="bfloat16",
+        choices=["bfloat16", "float32"],
+        help="what the random-weight checkpoint stores (every system computes in float32)",
+    )
     p.add_argument("--images", type=int, default=32, help="pictures ours captions")
     p.add_argument("--peer-images", type=int, default=8, help="pictures each peer captions")
     p.add_argument("--batch-sizes", default="1,4,8")
@@ -235,8 +281,15 @@ def _compare(a, argv, model: Path, folder: Path, scratch: Path, peers: list, siz
         row = dict(batch=batch, ours=run_ours(model, ours_folder, batch, a.max_tokens))
         print(json.dumps(dict(system="ours", **row["ours"], batch=batch)), flush=True)
         for peer in peers:
-            spec = dict(model=str(model), folder=str(peer_folder), images=a.peer_images, batch=batch,
-                        max_tokens=a.max_tokens, size=a.model_size, resolution=a.resolution)
+            spec = dict(
+                model=str(model),
+                folder=str(peer_folder),
+                images=a.peer_images,
+                batch=batch,
+                max_tokens=a.max_tokens,
+                size=a.model_size,
+                resolution=a.resolution,
+            )
             row[peer] = _peer_process(peer, spec)
             print(json.dumps(dict(system=peer, **row[peer], batch=batch)), flush=True)
         rows.append(row)
@@ -257,8 +310,11 @@ def _compare(a, argv, model: Path, folder: Path, scratch: Path, peers: list, siz
                 print(f"{row['batch']:>5}  {name:<22} error: {r['error']}", file=sys.stderr)
                 continue
             ratio = f"{ours['images_per_s'] / r['images_per_s']:.2f}x" if ours and name != "ours" else ""
-            print(f"{row['batch']:>5}  {name:<22} {r['images']:>6} {r['images_per_s']:>8.3f} "
-                  f"{r['generated_tokens']:>7}  {ratio}", file=sys.stderr)
+            print(
+                f"{row['batch']:>5}  {name:<22} {r['images']:>6} {r['images_per_s']:>8.3f} "
+                f"{r['generated_tokens']:>7}  {ratio}",
+                file=sys.stderr,
+            )
     return 0
 
 

@@ -43,6 +43,7 @@ def _model_config(spec):
 
 def bench_ours(spec: dict) -> dict:
     import fastvlm_mlx  # noqa: F401  (the CPU preload, before mlx.core)
+
     # isort: split
     import mlx.core as mx
     import numpy as np
@@ -73,8 +74,10 @@ def bench_ours(spec: dict) -> dict:
         turns = {"cold": list(chat.stream(QUESTION, [image], **options))[-1]}
         turns["follow_up"] = list(chat.stream(FOLLOW_UP, **options))[-1]
         turns["seen_image"] = list(ChatSession(model, processor).stream(FOLLOW_UP, [image], **options))[-1]
-        return {k: dict(ttft_ms=r.ttft_ms, vision_ms=r.vision_ms, positions=r.prompt_tokens, cached=r.cached_tokens)
-                for k, r in turns.items()}
+        return {
+            k: dict(ttft_ms=r.ttft_ms, vision_ms=r.vision_ms, positions=r.prompt_tokens, cached=r.cached_tokens)
+            for k, r in turns.items()
+        }
 
     conversation()  # warm-up
     runs = [conversation() for _ in range(spec["reps"])]
@@ -94,8 +97,12 @@ def bench_mlxvlm(spec: dict) -> dict:
     v = vision_shape(spec["size"])
     vcfg = VisionConfig(image_size=spec["resolution"])
     vcfg.layers, vcfg.embed_dims = list(v["layers"]), list(v["embed_dims"])
-    cfg = ModelConfig(text_config=TextConfig(model_type="qwen2", **text_config(spec["size"])), vision_config=vcfg,
-                      model_type="llava_qwen2", mm_hidden_size=2 * v["embed_dims"][-1])
+    cfg = ModelConfig(
+        text_config=TextConfig(model_type="qwen2", **text_config(spec["size"])),
+        vision_config=vcfg,
+        model_type="llava_qwen2",
+        mm_hidden_size=2 * v["embed_dims"][-1],
+    )
     model = Model(cfg)
     model.eval()
     mx.eval(model.parameters())
@@ -132,7 +139,7 @@ def run_system(system: str, spec: dict) -> dict:
     lines = [line for line in proc.stdout.splitlines() if line.startswith(MARK)]
     if proc.returncode != 0 or not lines:
         raise SystemExit(f"{system}: worker exited with {proc.returncode}")
-    runs = json.loads(lines[-1][len(MARK):])["runs"]
+    runs = json.loads(lines[-1][len(MARK) :])["runs"]
     rec = {"system": system}
     for t in TURNS:
         rec[t] = {k: summarize([r[t][k] for r in runs]) for k in ("ttft_ms", "vision_ms")}
@@ -154,11 +161,24 @@ def main(argv=None) -> int:
     if a.worker:
         _worker(a.worker, json.loads(a.spec))
         return 0
-    spec = dict(size="smoke" if a.smoke else a.model_size, resolution=128 if a.smoke else a.resolution,
-                reps=1 if a.smoke else a.reps, answer_tokens=a.answer_tokens)
-    print(json.dumps({"benchmark": "fastvlm-chat", "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-                      "command": " ".join(["python -m benchmarks.chat"] + (argv if argv is not None else sys.argv[1:])),
-                      "cpu_count": os.cpu_count(), "spec": spec}), flush=True)
+    spec = dict(
+        size="smoke" if a.smoke else a.model_size,
+        resolution=128 if a.smoke else a.resolution,
+        reps=1 if a.smoke else a.reps,
+        answer_tokens=a.answer_tokens,
+    )
+    print(
+        json.dumps(
+            {
+                "benchmark": "fastvlm-chat",
+                "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+                "command": " ".join(["python -m benchmarks.chat"] + (argv if argv is not None else sys.argv[1:])),
+                "cpu_count": os.cpu_count(),
+                "spec": spec,
+            }
+        ),
+        flush=True,
+    )
     records = [run_system("ours", spec)]
     spec["positions"] = {t: records[0][t]["positions"] for t in TURNS}
     records += [run_system(peer, spec) for peer in a.peers.split(",") if peer]

@@ -45,8 +45,18 @@ def torch_steps(size: str, rows: list, reps: int) -> dict:
     ({} without PyTorch)."""
     if importlib.util.find_spec("torch") is None:
         return {}
-    cmd = [sys.executable, "-m", "benchmarks.decode_matmul", "--torch-worker", "--model-size", size,
-           "--rows", ",".join(map(str, rows)), "--reps", str(reps)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.decode_matmul",
+        "--torch-worker",
+        "--model-size",
+        size,
+        "--rows",
+        ",".join(map(str, rows)),
+        "--reps",
+        str(reps),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
         print(f"torch: {(done.stderr.strip().splitlines() or ['failed'])[-1]}", file=sys.stderr)
@@ -79,6 +89,7 @@ def main():
         return torch_worker(args.model_size, rows_list, args.reps)
 
     import fastvlm_mlx  # noqa: F401 - before mlx.core, so that MLX binds to the optimized BLAS
+
     # isort: split
     import mlx.core as mx
 
@@ -90,8 +101,17 @@ def main():
     mx.eval(weights)
     nbytes = sum(w.nbytes for w in weights)
     assert skinny.kernel() is not None, "the kernel could not be built"
-    print(json.dumps({"benchmark": "decode-matmul", "model_size": args.model_size, "weights_gb": round(nbytes / 1e9, 3),
-                      "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "reps": args.reps}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "decode-matmul",
+                "model_size": args.model_size,
+                "weights_gb": round(nbytes / 1e9, 3),
+                "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+                "reps": args.reps,
+            }
+        )
+    )
     torch_seconds = {}
     for rows in rows_list:
         x = {w.shape[1]: mx.random.normal((rows, w.shape[1])) for w in weights}

@@ -99,12 +99,18 @@ def build_hf(size: str, resolution: int):
     vshape = vision_shape(size)
     torch.manual_seed(0)
     vision = dict(
-        model_type="timm_wrapper", architecture="fastvit_mci3", hidden_size=2 * vshape["embed_dims"][-1],
-        do_pooling=True, global_pool="avg",
+        model_type="timm_wrapper",
+        architecture="fastvit_mci3",
+        hidden_size=2 * vshape["embed_dims"][-1],
+        do_pooling=True,
+        global_pool="avg",
         model_args=dict(inference_mode=True, layers=tuple(vshape["layers"]), embed_dims=tuple(vshape["embed_dims"])),
     )
-    cfg = FastVlmConfig(text_config=dict(model_type="qwen2", **text_config(size)), vision_config=vision,
-                        image_seq_length=(resolution // 64) ** 2)
+    cfg = FastVlmConfig(
+        text_config=dict(model_type="qwen2", **text_config(size)),
+        vision_config=vision,
+        image_seq_length=(resolution // 64) ** 2,
+    )
     if cfg.image_token_id >= cfg.text_config.vocab_size:  # the smoke vocabulary is tiny
         cfg.image_token_id = cfg.text_config.vocab_size - 1
     model = FastVlmForConditionalGeneration(cfg)
@@ -168,8 +174,9 @@ def bench_hf(spec: dict) -> dict:
 
     one(spec["warmup_decode"])
     runs = [one(spec["decode_tokens"]) for _ in range(spec["reps"])]
-    return dict(runs=runs, load_ms=load_ms, info=dict(torch_threads=torch.get_num_threads(),
-                                                       load="build random-weight model"))
+    return dict(
+        runs=runs, load_ms=load_ms, info=dict(torch_threads=torch.get_num_threads(), load="build random-weight model")
+    )
 
 
 PEERS = {"mlxvlm": bench_mlxvlm, "hf": bench_hf}

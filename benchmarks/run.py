@@ -55,6 +55,7 @@ def _profile_vision(model, pixels, mx):
 
 def bench_ours(spec: dict) -> dict:
     import fastvlm_mlx  # loads the optimized BLAS before mlx.core
+
     # isort: split
     import mlx.core as mx
     import mlx.nn as nn
@@ -102,8 +103,14 @@ def bench_ours(spec: dict) -> dict:
         mx.eval(image)
         t1 = time.perf_counter()
         embeds = model.embed_prompt(ids, image)
-        steps = generate_step(tokens[skip:], model, max_tokens=decode_tokens, sampler=greedy,
-                              input_embeddings=embeds[skip:], prompt_cache=prompt_cache)
+        steps = generate_step(
+            tokens[skip:],
+            model,
+            max_tokens=decode_tokens,
+            sampler=greedy,
+            input_embeddings=embeds[skip:],
+            prompt_cache=prompt_cache,
+        )
         next(steps)
         t2 = time.perf_counter()
         n = 1
@@ -190,8 +197,13 @@ def _machine() -> dict:
                 model = line.split(":", 1)[1].strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    return {"cpu": model, "cores": cores, "os": platform.platform(), "python": platform.python_version(),
-            "blas": _blas_in_workers()}
+    return {
+        "cpu": model,
+        "cores": cores,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "blas": _blas_in_workers(),
+    }
 
 
 def _blas_in_workers() -> str:
@@ -199,8 +211,13 @@ def _blas_in_workers() -> str:
     this process may have imported mlx.core already."""
     code = "import fastvlm_mlx.cpu.blas as b; b.load_fast_blas(); print(b.describe())"
     try:
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        )
         return done.stdout.strip() or done.stderr.strip()[-200:]
     except (OSError, subprocess.SubprocessError) as e:
         return f"unknown ({e})"
@@ -214,11 +231,19 @@ def run_system(system: str, spec: dict) -> dict:
     lines = [line for line in proc.stdout.splitlines() if line.startswith(MARK)]
     if proc.returncode != 0 or not lines:
         return {"system": system, "error": f"worker exited with {proc.returncode}", "wall_s": round(wall, 1)}
-    raw = json.loads(lines[-1][len(MARK):])
+    raw = json.loads(lines[-1][len(MARK) :])
     runs = raw["runs"]
-    rec = {"system": system, "model_size": spec["size"], "resolution": spec["resolution"], "dtype": spec["dtype"],
-           "q_bits": spec["q_bits"], "device": spec["device"], "positions": runs[0]["positions"],
-           "reps": spec["reps"], "decode_tokens": spec["decode_tokens"]}
+    rec = {
+        "system": system,
+        "model_size": spec["size"],
+        "resolution": spec["resolution"],
+        "dtype": spec["dtype"],
+        "q_bits": spec["q_bits"],
+        "device": spec["device"],
+        "positions": runs[0]["positions"],
+        "reps": spec["reps"],
+        "decode_tokens": spec["decode_tokens"],
+    }
     for fig in FIGURES:
         rec[fig] = summarize([r.get(fig) for r in runs]) if fig != "rss_gb" else summarize([raw["rss_gb"]])
     rec["load_ms"] = summarize([raw["load_ms"]])
@@ -244,8 +269,15 @@ def table(records, ratio_rows) -> str:
         row = [fig + (" (higher better)" if fig in HIGHER_IS_BETTER else "")]
         for r in ok:
             v = r.get(fig)
-            row.append("-" if not v else (f"{v['min']:.2f} / {v['median']:.2f}" if v["median"] < 100
-                                          else f"{v['min']:.0f} / {v['median']:.0f}"))
+            row.append(
+                "-"
+                if not v
+                else (
+                    f"{v['min']:.2f} / {v['median']:.2f}"
+                    if v["median"] < 100
+                    else f"{v['min']:.0f} / {v['median']:.0f}"
+                )
+            )
         for rr in ratio_rows:
             row.append("-" if rr.get(fig) is None else f"{rr[fig]:.3f}")
         rows.append(row)
@@ -270,8 +302,11 @@ def parse_args(argv=None):
     p.add_argument("--peers", default="", help="comma list of mlxvlm,hf to run side by side")
     p.add_argument("--smoke", action="store_true", help="tiny config (seconds); for CI")
     p.add_argument("--profile", action="store_true", help="per-stage vision tower times (ours)")
-    p.add_argument("--prefix-cache", action="store_true",
-                   help="also time TTFT with the text before the image served from a prompt cache (ours)")
+    p.add_argument(
+        "--prefix-cache",
+        action="store_true",
+        help="also time TTFT with the text before the image served from a prompt cache (ours)",
+    )
     p.add_argument("--output", help="append the JSON lines to this file as well")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
@@ -291,14 +326,27 @@ def main(argv=None) -> int:
     if unknown:
         print(f"error: unknown peer(s) {sorted(unknown)}; choose from mlxvlm, hf", file=sys.stderr)
         return 2
-    spec = dict(size="smoke" if a.smoke else a.model_size, resolution=128 if a.smoke else a.resolution,
-                dtype=a.dtype, q_bits=a.q_bits, device=a.device, reps=2 if a.smoke else a.reps,
-                decode_tokens=8 if a.smoke else a.decode_tokens, warmup_decode=4 if a.smoke else 8,
-                profile=a.profile, prefix_cache=a.prefix_cache)
+    spec = dict(
+        size="smoke" if a.smoke else a.model_size,
+        resolution=128 if a.smoke else a.resolution,
+        dtype=a.dtype,
+        q_bits=a.q_bits,
+        device=a.device,
+        reps=2 if a.smoke else a.reps,
+        decode_tokens=8 if a.smoke else a.decode_tokens,
+        warmup_decode=4 if a.smoke else 8,
+        profile=a.profile,
+        prefix_cache=a.prefix_cache,
+    )
     t0 = time.perf_counter()
-    header = {"benchmark": "fastvlm", "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "command": " ".join(
-        ["python -m benchmarks.run"] + (argv if argv is not None else sys.argv[1:])), "machine": _machine(),
-        "versions": _versions(), "spec": spec}
+    header = {
+        "benchmark": "fastvlm",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "command": " ".join(["python -m benchmarks.run"] + (argv if argv is not None else sys.argv[1:])),
+        "machine": _machine(),
+        "versions": _versions(),
+        "spec": spec,
+    }
     out = [header]
     print(json.dumps(header), flush=True)
     records = []

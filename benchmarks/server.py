@@ -41,8 +41,10 @@ def make_checkpoint(path: Path, size: str, dtype: str = "float32") -> Path:
     transformers converter's output)."""
     if (path / "config.json").is_file():
         if not (path / WEIGHTS_MARK).is_file():
-            raise SystemExit(f"error: {path} was written by an older benchmark, whose vision weights run through "
-                             "subnormal floats: delete it and run again")
+            raise SystemExit(
+                f"error: {path} was written by an older benchmark, whose vision weights run through "
+                "subnormal floats: delete it and run again"
+            )
         stored = "bfloat16" if "stored as: bfloat16" in (path / WEIGHTS_MARK).read_text() else "float32"
         if stored != dtype:
             raise SystemExit(f"error: {path} stores {stored} weights, not {dtype}: pick another --checkpoint")
@@ -59,12 +61,24 @@ def make_checkpoint(path: Path, size: str, dtype: str = "float32") -> Path:
     config.update({k: v for k, v in text.items()})
     config["mm_hidden_size"] = 3072
     config["mm_vision_tower"] = "mobileclip_l_1024"
-    config["vision_config"] = dict(config["vision_config"], image_size=1024, hidden_size=3072, projection_dim=768,
-                                   layers=[2, 12, 24, 4, 2], embed_dims=[96, 192, 384, 768, 1536])
+    config["vision_config"] = dict(
+        config["vision_config"],
+        image_size=1024,
+        hidden_size=3072,
+        projection_dim=768,
+        layers=[2, 12, 24, 4, 2],
+        embed_dims=[96, 192, 384, 768, 1536],
+    )
     mx.random.seed(0)
     vcfg = VisionConfig(image_size=1024)
-    model = Model(ModelConfig(text_config=TextConfig(model_type="qwen2", **text), vision_config=vcfg,
-                              model_type="llava_qwen2", mm_hidden_size=3072))
+    model = Model(
+        ModelConfig(
+            text_config=TextConfig(model_type="qwen2", **text),
+            vision_config=vcfg,
+            model_type="llava_qwen2",
+            mm_hidden_size=3072,
+        )
+    )
     timm_init(model.vision_tower)
     model.set_dtype(getattr(mx, dtype))
     mx.eval(model.parameters())
@@ -76,10 +90,22 @@ def make_checkpoint(path: Path, size: str, dtype: str = "float32") -> Path:
     for f in FIXTURE.iterdir():
         if f.name not in ("config.json", "model.safetensors"):
             shutil.copy(f, tmp / f.name)
-    (tmp / "preprocessor_config.json").write_text(json.dumps({
-        "crop_size": {"height": 1024, "width": 1024}, "size": {"shortest_edge": 1024}, "do_resize": True,
-        "do_center_crop": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": False,
-        "image_mean": [0, 0, 0], "image_std": [1, 1, 1], "resample": 3}))
+    (tmp / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "crop_size": {"height": 1024, "width": 1024},
+                "size": {"shortest_edge": 1024},
+                "do_resize": True,
+                "do_center_crop": True,
+                "do_rescale": True,
+                "rescale_factor": 1 / 255,
+                "do_normalize": False,
+                "image_mean": [0, 0, 0],
+                "image_std": [1, 1, 1],
+                "resample": 3,
+            }
+        )
+    )
     tmp.rename(path)
     return path
 
@@ -93,8 +119,18 @@ def free_port() -> int:
 def start(system: str, model: Path, max_batch: int, extra=()):
     port = free_port()
     if system == "ours":
-        cmd = [sys.executable, "-m", "fastvlm_mlx.server", "--model", str(model), "--port", str(port),
-               "--max-batch", str(max_batch), *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "fastvlm_mlx.server",
+            "--model",
+            str(model),
+            "--port",
+            str(port),
+            "--max-batch",
+            str(max_batch),
+            *extra,
+        ]
     else:
         cmd = [
             sys.executable,
@@ -147,10 +183,19 @@ def one_request(client, model_name, url, question, max_tokens):
     t0 = time.perf_counter()
     ttft, tokens = None, 0
     stream = client.chat.completions.create(
-        model=model_name, max_tokens=max_tokens, temperature=0, stream=True, stream_options={"include_usage": True},
+        model=model_name,
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
         logprobs=True,
-        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                               {"type": "text", "text": question}]}])
+        messages=[
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}],
+            }
+        ],
+    )
     for chunk in stream:
         c = chunk.choices[0] if chunk.choices else None
         if ttft is None and c is not None and (c.delta.content or c.logprobs or c.finish_reason):
@@ -195,10 +240,16 @@ def run_level(port, model_name, urls, concurrency, max_tokens, log: Path = None)
     if log:  # mlx-vlm streams no chunk until text appears (random weights: often only the last one); use its own figure
         ttfts = logged_ttfts(log, offset) or ttfts
     tokens = sum(r[1] for r in results)
-    return dict(concurrency=concurrency, requests=len(results), wall_s=round(wall, 2),
-                requests_per_s=round(len(results) / wall, 3), generated_tps=round(tokens / wall, 2),
-                generated_tokens=tokens, ttft_p50_s=round(percentile(ttfts, 0.5), 3),
-                ttft_p95_s=round(percentile(ttfts, 0.95), 3))
+    return dict(
+        concurrency=concurrency,
+        requests=len(results),
+        wall_s=round(wall, 2),
+        requests_per_s=round(len(results) / wall, 3),
+        generated_tps=round(tokens / wall, 2),
+        generated_tokens=tokens,
+        ttft_p50_s=round(percentile(ttfts, 0.5), 3),
+        ttft_p95_s=round(percentile(ttfts, 0.95), 3),
+    )
 
 
 def scrape(port: int) -> dict:
@@ -206,8 +257,14 @@ def scrape(port: int) -> dict:
     import httpx
 
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
-    names = ("mlx_active_memory_bytes", "mlx_cache_memory_bytes", "mlx_peak_memory_bytes", "resident_memory_bytes",
-             "image_cache_bytes", "prompt_cache_bytes")
+    names = (
+        "mlx_active_memory_bytes",
+        "mlx_cache_memory_bytes",
+        "mlx_peak_memory_bytes",
+        "resident_memory_bytes",
+        "image_cache_bytes",
+        "prompt_cache_bytes",
+    )
     values = {}
     for line in text.splitlines():
         for name in names:
@@ -235,8 +292,13 @@ def memory_run(port: int, model_name: str, requests: int, resolution: int, max_t
     for name in ("resident_memory_bytes", "mlx_active_memory_bytes", "mlx_peak_memory_bytes", "mlx_cache_memory_bytes"):
         during = max(r[name] for r in rows[:warmup])
         after = [r[name] for r in rows[warmup:]]
-        summary[name] = dict(max_in_warmup=during, min_after=min(after), max_after=max(after),
-                             growth_after_warmup=max(after) - min(after), flat=max(after) <= during * 1.02)
+        summary[name] = dict(
+            max_in_warmup=during,
+            min_after=min(after),
+            max_after=max(after),
+            growth_after_warmup=max(after) - min(after),
+            flat=max(after) <= during * 1.02,
+        )
     return summary
 
 
@@ -249,11 +311,20 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--peers", default="")
     p.add_argument("--smoke", action="store_true", help="the tiny fixture checkpoint (ours only)")
-    p.add_argument("--memory", type=int, default=0, metavar="N",
-                   help="instead: N requests with new images to our server, its memory after each")
+    p.add_argument(
+        "--memory",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead: N requests with new images to our server, its memory after each",
+    )
     p.add_argument("--warmup", type=int, default=25, help="with --memory: requests counted as warm-up")
-    p.add_argument("--cache-mb", default="8,64", help="with --memory: the server's image-feature and prompt cache "
-                   "bounds in MiB (small, so that they fill during warm-up)")
+    p.add_argument(
+        "--cache-mb",
+        default="8,64",
+        help="with --memory: the server's image-feature and prompt cache "
+        "bounds in MiB (small, so that they fill during warm-up)",
+    )
     a = p.parse_args(argv)
     if a.smoke:
         model, resolution = ROOT / "tests" / "fixtures" / "format_a", 256
@@ -306,13 +377,17 @@ def main(argv=None) -> int:
     lines = [head, "|---|---|---|---|---|---|"]
     for system, recs in records.items():
         for r in recs:
-            lines.append(f"| {system} | {r['concurrency']} | {r['requests_per_s']} | {r['generated_tps']} | "
-                         f"{r['ttft_p50_s']} | {r['ttft_p95_s']} |")
+            lines.append(
+                f"| {system} | {r['concurrency']} | {r['requests_per_s']} | {r['generated_tps']} | "
+                f"{r['ttft_p50_s']} | {r['ttft_p95_s']} |"
+            )
     for peer in [s for s in records if s != "ours"]:
         for o, q in zip(records["ours"], records[peer]):
-            lines.append(f"ours/{peer} at concurrency {o['concurrency']}: generated tok/s "
-                         f"{o['generated_tps'] / max(q['generated_tps'], 1e-9):.2f}x, TTFT p95 "
-                         f"{o['ttft_p95_s'] / max(q['ttft_p95_s'], 1e-9):.2f}x")
+            lines.append(
+                f"ours/{peer} at concurrency {o['concurrency']}: generated tok/s "
+                f"{o['generated_tps'] / max(q['generated_tps'], 1e-9):.2f}x, TTFT p95 "
+                f"{o['ttft_p95_s'] / max(q['ttft_p95_s'], 1e-9):.2f}x"
+            )
     print("\n".join(lines), file=sys.stderr)
     return 0
 

@@ -124,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
             from .app_bundle import convert_app_bundle
 
             write = convert_app_bundle
-            write_options = dict(coreml_precision=coreml_precision, warn=lambda m: tqdm.write(f"warning: {m}",
-                                                                                              file=sys.stderr))
+            write_options = dict(
+                coreml_precision=coreml_precision, warn=lambda m: tqdm.write(f"warning: {m}", file=sys.stderr)
+            )
         elif coreml_options is not None:
             from .coreml import PACKAGE_NAME, export_coreml
 
@@ -135,8 +136,10 @@ def main(argv: list[str] | None = None) -> int:
             write_options = dict(extra_export=extra_export)
 
         # disable=None: a bar on terminals only, so logs and error output stay clean
-        with tqdm(total=len(STEPS) + quantize, desc="converting", unit="step", file=sys.stderr,
-                  disable=None) as bar, warnings_above(bar):
+        with (
+            tqdm(total=len(STEPS) + quantize, desc="converting", unit="step", file=sys.stderr, disable=None) as bar,
+            warnings_above(bar),
+        ):
 
             def progress(step: str) -> None:
                 if step != STEPS[0]:

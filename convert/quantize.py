@@ -1,6 +1,5 @@
 """Decoder quantization with MLX's own affine quantization; the vision tower always stays in floating point."""
 
-
 import mlx.nn as nn
 
 from fastvlm_mlx.errors import FastVLMError

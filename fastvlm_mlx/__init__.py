@@ -1,8 +1,8 @@
 """fastvlm-mlx: Apple's FastVLM on MLX.
 
-    from fastvlm_mlx import load, generate
-    model, processor = load("apple/FastVLM-0.5B")
-    print(generate(model, processor, "Describe the image.", image="photo.jpg"))
+from fastvlm_mlx import load, generate
+model, processor = load("apple/FastVLM-0.5B")
+print(generate(model, processor, "Describe the image.", image="photo.jpg"))
 """
 
 import sys

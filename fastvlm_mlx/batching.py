@@ -11,8 +11,8 @@ Everything here runs on one thread (MLX evaluation is not shared across threads)
 """
 
 import time
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Dict, Hashable, List, Optional, Sequence
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
@@ -32,7 +32,7 @@ class Admitted:
     prompt_tokens: int
     cached_tokens: int
     vision_ms: float
-    positions: List[Hashable] = field(repr=False, default_factory=list)
+    positions: list[Hashable] = field(repr=False, default_factory=list)
 
 
 @dataclass
@@ -46,15 +46,15 @@ class Token:
     text: str
     eos: bool
     generation_tokens: int
-    finish_reason: Optional[str]
-    error: Optional[str] = None  # why the sequence was dropped (finish_reason "error")
+    finish_reason: str | None
+    error: str | None = None  # why the sequence was dropped (finish_reason "error")
 
 
 @dataclass
 class _Sequence:
     admitted: Admitted
     detokenizer: object
-    fed: List[int] = field(default_factory=list)  # every token the KV cache took, end-of-turn ones included
+    fed: list[int] = field(default_factory=list)  # every token the KV cache took, end-of-turn ones included
     processed: bool = False  # whether logits processors act on its logits
     answer_tokens: int = 0
 
@@ -63,27 +63,35 @@ class BatchDecoder:
     """Every method runs on the MLX thread (``mlx_thread``), whichever thread calls it."""
 
     @runs_on_mlx_thread
-    def __init__(self, engine: Engine, max_batch: int = 8, prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
-                 prefill_step: int = PREFILL_STEP):
+    def __init__(
+        self,
+        engine: Engine,
+        max_batch: int = 8,
+        prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
+        prefill_step: int = PREFILL_STEP,
+    ):
         self.engine = engine
         self.model = engine.model
         self.tokenizer = engine.processor.tokenizer
         # a pipeline stage holds some of the layers: its budget scales, so every rank evicts the same entries
-        prompt_cache_bytes = prompt_cache_bytes * len(self.model.language_model.layers) // \
-            self.model.config.text_args().num_hidden_layers
+        prompt_cache_bytes = (
+            prompt_cache_bytes
+            * len(self.model.language_model.layers)
+            // self.model.config.text_args().num_hidden_layers
+        )
         eos = sorted(self.tokenizer.eos_token_ids)
         self.generator = BatchGenerator(
             self.model, stop_tokens=[[t] for t in eos], completion_batch_size=max_batch, prefill_batch_size=max_batch
         )
         self.prompt_cache = SharedPromptCache(self.model, prompt_cache_bytes)
         self.prefill_step = prefill_step
-        self.running: Dict[int, _Sequence] = {}
+        self.running: dict[int, _Sequence] = {}
 
     def __len__(self) -> int:
         return len(self.running)
 
     @runs_on_mlx_thread
-    def admit(self, requests: Sequence[tuple]) -> List[Admitted]:
+    def admit(self, requests: Sequence[tuple]) -> list[Admitted]:
         """Prefill ``(Prompt, Sampling)`` pairs and add them to the batch; returns one Admitted each."""
         start = time.perf_counter()
         pixels, digests = [], []
@@ -100,7 +108,10 @@ class BatchDecoder:
         processors = sampling.processors()
         budget = sampling.budget(len(positions), self.engine.processor.context_length)  # stop at the context
         (uid,) = self.generator.insert(
-            [[begun.last_id]], max_tokens=[budget], caches=[begun.kv], samplers=[sampling.sampler()],
+            [[begun.last_id]],
+            max_tokens=[budget],
+            caches=[begun.kv],
+            samplers=[sampling.sampler()],
             logits_processors=[processors],
         )
         admitted = Admitted(uid, len(positions), begun.cached, vision_ms, positions)
@@ -108,7 +119,7 @@ class BatchDecoder:
         return admitted
 
     @runs_on_mlx_thread
-    def step(self) -> List[Token]:
+    def step(self) -> list[Token]:
         """One decode step of every running sequence (the first token of a new one included)."""
         if not self.running:
             return []

@@ -135,8 +135,15 @@ def caption(engine, items: list[dict], sampling: dict, batch_size: int, write) -
                 item, image, error = entry
                 if error is None:
                     try:
-                        messages = [{"role": "user", "content": [{"type": "image", "image": image},
-                                                                 {"type": "text", "text": item["prompt"]}]}]
+                        messages = [
+                            {
+                                "role": "user",
+                                "content": [
+                                    {"type": "image", "image": image},
+                                    {"type": "text", "text": item["prompt"]},
+                                ],
+                            }
+                        ]
                         ready.append((item, engine.prepare(messages)))
                     except FastVLMError as e:
                         error = str(e)
@@ -154,15 +161,24 @@ def caption(engine, items: list[dict], sampling: dict, batch_size: int, write) -
                     write({"id": item["id"], "image": item["image"], "prompt": item["prompt"], "error": t.error})
                 elif t.finish_reason is not None:
                     del running[t.uid]
-                    write({"id": item["id"], "image": item["image"], "prompt": item["prompt"], "text": "".join(text),
-                           "finish_reason": t.finish_reason, "prompt_tokens": admitted.prompt_tokens,
-                           "generation_tokens": t.generation_tokens})
+                    write(
+                        {
+                            "id": item["id"],
+                            "image": item["image"],
+                            "prompt": item["prompt"],
+                            "text": "".join(text),
+                            "finish_reason": t.finish_reason,
+                            "prompt_tokens": admitted.prompt_tokens,
+                            "generation_tokens": t.generation_tokens,
+                        }
+                    )
     finally:
         stop.set()
 
 
-def _caption_all(model_path, source, output, prompt, sampling, batch_size, loaded=None, cluster=None,
-                 retry_errors=False, dtype=None) -> int:
+def _caption_all(
+    model_path, source, output, prompt, sampling, batch_size, loaded=None, cluster=None, retry_errors=False, dtype=None
+) -> int:
     """The whole run of one process, or of one data-parallel rank (``cluster``): list the inputs, skip
     those already answered, caption the rest, summarize; returns the exit status."""
     from tqdm import tqdm
@@ -188,9 +204,13 @@ def _caption_all(model_path, source, output, prompt, sampling, batch_size, loade
         target.parent.mkdir(parents=True, exist_ok=True)
         quiet = cluster is not None and not cluster.leader  # one progress bar: rank 0's share
         interrupted = False
-        with open(target, "a", encoding="utf-8") as out, tqdm(
-            total=len(todo), unit="img", file=sys.stderr, dynamic_ncols=True, disable=True if quiet else None
-        ) as bar, warnings_above(bar):
+        with (
+            open(target, "a", encoding="utf-8") as out,
+            tqdm(
+                total=len(todo), unit="img", file=sys.stderr, dynamic_ncols=True, disable=True if quiet else None
+            ) as bar,
+            warnings_above(bar),
+        ):
 
             def write(record: dict) -> None:
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -207,8 +227,10 @@ def _caption_all(model_path, source, output, prompt, sampling, batch_size, loade
                     raise
                 interrupted = True  # every record written so far is whole and flushed
         if interrupted:
-            return report_interrupt(f"{counts[0]} answered and {counts[1]} failed in this run are in {output}; "
-                                    "run the same command again to resume")
+            return report_interrupt(
+                f"{counts[0]} answered and {counts[1]} failed in this run are in {output}; "
+                "run the same command again to resume"
+            )
     finished = done  # what the output held, and what this run added
     if cluster is not None:
         finished = merge_parts(output, target, items, cluster)
@@ -237,8 +259,10 @@ def check_same_inputs(items: list[dict], cluster) -> None:
     expected = cluster.share(digest if cluster.leader else None)
     mismatch = cluster.sum_counts([int(digest != expected)])[0]
     if mismatch:
-        raise FastVLMError(f"--input lists different files on {mismatch} rank(s) than on rank 0 "
-                           "(every rank must see the same inputs at the same paths)")
+        raise FastVLMError(
+            f"--input lists different files on {mismatch} rank(s) than on rank 0 "
+            "(every rank must see the same inputs at the same paths)"
+        )
 
 
 def part_path(output: Path, cluster) -> Path:
@@ -321,8 +345,9 @@ def main(argv: list[str] | None = None) -> int:
         options = dict(retry_errors=retry_errors, dtype=dtype)
         cluster = distributed.start(parallel, connect_timeout, allowed=("data",) + distributed.MODEL_PARALLEL)
         if cluster is None or not cluster.splits_model:  # alone, or a data-parallel rank: the model loads if needed
-            status["code"] = _caption_all(model_path, source, output, prompt, sampling, batch_size, cluster=cluster,
-                                          **options)
+            status["code"] = _caption_all(
+                model_path, source, output, prompt, sampling, batch_size, cluster=cluster, **options
+            )
             return
 
         def lead(engine) -> int:

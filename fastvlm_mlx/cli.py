@@ -32,8 +32,10 @@ SAMPLING_FLAGS = {
     "repetition_penalty": (("--repetition-penalty",), "Penalize tokens of the last 20 (e.g. 1.1; off by default)."),
     "seed": (("--seed",), "Random seed, for the same samples on every run (temperature > 0)."),
 }
-DTYPE_HELP = ("float32, float16 or bfloat16: what the model computes in (default: the checkpoint's own dtype on a "
-              "GPU, float32 on the CPU).")
+DTYPE_HELP = (
+    "float32, float16 or bfloat16: what the model computes in (default: the checkpoint's own dtype on a "
+    "GPU, float32 on the CPU)."
+)
 MAX_IMAGE_DOWNLOAD = 64 << 20
 DOWNLOAD_TIMEOUT_S = 30.0
 

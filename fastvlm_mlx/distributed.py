@@ -21,9 +21,9 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
 
 import mlx.core as mx
 import numpy as np
@@ -32,8 +32,10 @@ from .errors import FastVLMError, lost_peer
 from .mlx_thread import runs_on_mlx_thread
 
 MODEL_PARALLEL = ("tensor", "pipeline")
-PARALLEL_HELP = ("Under mlx.launch (several ranks): split the decoder over the ranks, 'tensor' "
-                 "(mlx-lm's shard) or 'pipeline' (mlx-lm's pipeline). Ignored in a single process.")
+PARALLEL_HELP = (
+    "Under mlx.launch (several ranks): split the decoder over the ranks, 'tensor' "
+    "(mlx-lm's shard) or 'pipeline' (mlx-lm's pipeline). Ignored in a single process."
+)
 CONNECT_HELP = "Seconds to wait for the other ranks to connect before giving up."
 DEFAULT_CONNECT_TIMEOUT = 120.0
 IDLE_NAP = 0.4  # a follower waiting in a collective spins a core; while the leader is idle it sleeps instead
@@ -43,7 +45,7 @@ IDLE_NAP = 0.4  # a follower waiting in a collective spins a core; while the lea
 LAUNCH_VARIABLES = {"MLX_HOSTFILE": "ring", "MLX_JACCL_COORDINATOR": "jaccl", "OMPI_COMM_WORLD_SIZE": "mpi"}
 
 
-def launched_backend() -> Optional[str]:
+def launched_backend() -> str | None:
     """The backend this process was started for as one rank of several, or None."""
     return next((b for v, b in LAUNCH_VARIABLES.items() if v in os.environ), None)
 
@@ -70,8 +72,10 @@ def _connect(timeout: float) -> "mx.distributed.Group":
     is a separate little process rather than a thread."""
     backend = launched_backend()
     rank = os.environ.get("MLX_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "?"))
-    message = (f"error: rank {rank}: the other ranks did not connect within {timeout:g} s "
-               f"({backend} backend); start every rank, or check the hostfile and the network")
+    message = (
+        f"error: rank {rank}: the other ranks did not connect within {timeout:g} s "
+        f"({backend} backend); start every rank, or check the hostfile and the network"
+    )
     watchdog = subprocess.Popen(
         ["sh", "-c", f'sleep {timeout}; echo "$0" >&2; kill -TERM {os.getpid()}', message],
         stdin=subprocess.DEVNULL,
@@ -161,7 +165,7 @@ class Cluster:
         return obj if self.leader else json.loads(bytes(np.array(payload)))
 
     @runs_on_mlx_thread
-    def share_images(self, embeds: Optional[mx.array], shape: tuple, dtype: mx.Dtype) -> mx.array:
+    def share_images(self, embeds: mx.array | None, shape: tuple, dtype: mx.Dtype) -> mx.array:
         """The leader's image embeddings on the ranks that need them; zeros of the same shape elsewhere
         (pipeline stages after the first only take the shape)."""
         self._settle()
@@ -221,7 +225,7 @@ class Cluster:
         self.announce("exit")
 
 
-def start(mode: str, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, allowed=MODEL_PARALLEL) -> Optional[Cluster]:
+def start(mode: str, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, allowed=MODEL_PARALLEL) -> Cluster | None:
     """The group this process is a rank of, or None when it runs alone."""
     if mode not in allowed:
         raise FastVLMError(f"--parallel must be one of {', '.join(allowed)} (got {mode!r})")
@@ -242,7 +246,7 @@ def start(mode: str, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, allowed=M
 # know nothing of ranks: what differs between ranks is only where image embeddings come from (the leader
 # encodes and shares them; see ``image_sharing``).
 
-OPERATIONS: Dict[str, Callable] = {}
+OPERATIONS: dict[str, Callable] = {}
 
 
 def operation(name: str):
@@ -260,7 +264,7 @@ def image_sharing(engine, cluster: Cluster) -> Callable:
     them (with its image-feature cache) and sends them to the ranks whose layers take them."""
     encode_here = engine.encode_images
 
-    def share(pixels, digests) -> List[mx.array]:
+    def share(pixels, digests) -> list[mx.array]:
         if not digests:
             return []
         shape = (len(digests), engine.model.config.num_image_tokens, engine.model.config.text_args().hidden_size)
@@ -285,8 +289,13 @@ class Replica:
         wants the next one, so that all ranks stop together."""
         sampling = sampling.seeded()  # ranks drawing from different keys would part ways
         self._announce_unprocessed(sampling)
-        self.cluster.announce("stream", prompt=prompt.shareable(), sampling=sampling.fields(),
-                              cache=None if cache is None else cache.key, **generate_kwargs)
+        self.cluster.announce(
+            "stream",
+            prompt=prompt.shareable(),
+            sampling=sampling.fields(),
+            cache=None if cache is None else cache.key,
+            **generate_kwargs,
+        )
         tokens = self.engine.stream(prompt, sampling, cache, **generate_kwargs)
         try:
             for r in tokens:
@@ -408,7 +417,7 @@ def _replay_cancel(follower: Follower, uid) -> None:
 
 
 @contextmanager
-def leading(cluster: Optional[Cluster]):
+def leading(cluster: Cluster | None):
     """The leader's part of a front-end: when it ends (done, or a user error), the followers are let go;
     when another rank went away there is nobody left to tell."""
     if cluster is None:
@@ -423,7 +432,7 @@ def leading(cluster: Optional[Cluster]):
     cluster.close()
 
 
-def follow_or_lead(cluster: Optional[Cluster], engine) -> bool:
+def follow_or_lead(cluster: Cluster | None, engine) -> bool:
     """On a follower rank, replay the leader's calls until it closes and return False; True on the leader
     (or a single process), which goes on to do the work inside ``leading(cluster)``.  On the leader of a split
     model, the model's shared engine (``engine_for``) becomes a ``Replica``, so the API's one-call functions

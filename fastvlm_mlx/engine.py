@@ -15,8 +15,8 @@ import itertools
 import time
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Hashable, Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -60,10 +60,10 @@ class Sampling:
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
-    repetition_penalty: Optional[float] = None
+    repetition_penalty: float | None = None
     repetition_context_size: int = 20
-    seed: Optional[int] = None
-    logits_processors: List[Callable] = field(default_factory=list)
+    seed: int | None = None
+    logits_processors: list[Callable] = field(default_factory=list)
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -141,17 +141,17 @@ def image_digest(pixels: mx.array) -> str:
 class Prompt:
     """A rendered, tokenized prompt: ``ids`` hold one IMAGE_PLACEHOLDER per image, in order."""
 
-    ids: List[int]
-    pixels: List[mx.array]
-    digests: List[str]
+    ids: list[int]
+    pixels: list[mx.array]
+    digests: list[str]
     image_tokens: int  # positions per image
 
     def __len__(self) -> int:
         return len(self.ids) + len(self.pixels) * (self.image_tokens - 1)
 
-    def positions(self) -> List[Hashable]:
+    def positions(self) -> list[Hashable]:
         """One key per position: the token id, or (image digest, index) inside an image."""
-        keys: List[Hashable] = []
+        keys: list[Hashable] = []
         images = iter(self.digests)
         for t in self.ids:
             if t == IMAGE_PLACEHOLDER:
@@ -170,7 +170,7 @@ class Prompt:
         """A follower's copy of the leader's prompt: no pixels (the leader sends the embeddings)."""
         return cls(fields["ids"], [None] * len(fields["digests"]), fields["digests"], fields["image_tokens"])
 
-    def image_spans(self) -> List[range]:
+    def image_spans(self) -> list[range]:
         """The positions each image occupies."""
         spans, offset = [], 0
         for t in self.ids:
@@ -188,13 +188,13 @@ class ImageFeatureCache:
     def __init__(self, max_bytes: int = DEFAULT_IMAGE_CACHE_BYTES):
         self.nbytes = 0
         self.hits = self.misses = 0
-        self._entries: "OrderedDict[str, mx.array]" = OrderedDict()
+        self._entries: OrderedDict[str, mx.array] = OrderedDict()
         self.resize(max_bytes)
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, digest: str) -> Optional[mx.array]:
+    def get(self, digest: str) -> mx.array | None:
         found = self._entries.get(digest)
         if found is None:
             self.misses += 1
@@ -230,7 +230,7 @@ class PrefixCache:
     """What both decode paths ask of a prompt cache: a KV cache already holding a prefix of a prompt, and,
     once the answer is done, that KV cache back with the positions it then holds."""
 
-    def fetch(self, positions: Sequence[Hashable]) -> Tuple[list, int]:
+    def fetch(self, positions: Sequence[Hashable]) -> tuple[list, int]:
         """(kv, n): a KV cache holding the first ``n`` of ``positions``, with ``n < len(positions)``."""
         raise NotImplementedError
 
@@ -257,16 +257,16 @@ class PromptCache(PrefixCache):
 
     _keys = itertools.count()
 
-    def __init__(self, model: FastVLM, kv: Optional[list] = None, positions: Sequence[Hashable] = ()):
+    def __init__(self, model: FastVLM, kv: list | None = None, positions: Sequence[Hashable] = ()):
         self.key = next(self._keys)  # names this cache's counterpart on follower ranks
         self.kv = kv if kv is not None else make_prompt_cache(model)
-        self.positions: List[Hashable] = list(positions)
+        self.positions: list[Hashable] = list(positions)
 
     @property
     def offset(self) -> int:
         return self.kv[0].offset if self.kv else 0
 
-    def fetch(self, positions: Sequence[Hashable]) -> Tuple[list, int]:
+    def fetch(self, positions: Sequence[Hashable]) -> tuple[list, int]:
         """Keep the longest prefix shared with ``positions`` (at least the last position is left to compute,
         which gives the first logits) and drop the rest."""
         shared = 0
@@ -300,7 +300,7 @@ class SharedPromptCache(PrefixCache):
     def nbytes(self) -> int:
         return self.entries.nbytes
 
-    def fetch(self, positions: Sequence[Hashable]) -> Tuple[list, int]:
+    def fetch(self, positions: Sequence[Hashable]) -> tuple[list, int]:
         kv, rest = self.entries.fetch_nearest_cache(self.MODEL_KEY, list(positions))
         if kv is None:
             return make_prompt_cache(self.model), 0
@@ -333,7 +333,7 @@ class Started:
     """A sequence prefilled up to its last prompt position, which the decoder computes first."""
 
     kv: list
-    positions: List[Hashable]
+    positions: list[Hashable]
     cached: int  # positions that came from the prefix cache
     last_id: int
     last_embedding: mx.array  # (1, hidden)
@@ -350,7 +350,7 @@ class Engine:
         self.image_cache = ImageFeatureCache(image_cache_bytes)
         # where embed() takes image embeddings from: the vision tower through the cache here; a rank of a
         # model split over processes takes them from the leader instead (distributed.Replica, Follower)
-        self.image_source: Callable[[Sequence, Sequence[str]], List[mx.array]] = self.encode_images
+        self.image_source: Callable[[Sequence, Sequence[str]], list[mx.array]] = self.encode_images
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -358,7 +358,7 @@ class Engine:
         return self.model.language_model.model.norm.weight.dtype
 
     # ------------------------------------------------------------------ 1. render and tokenize
-    def prepare(self, messages: Sequence[dict], system: Optional[str] = DEFAULT_SYSTEM) -> Prompt:
+    def prepare(self, messages: Sequence[dict], system: str | None = DEFAULT_SYSTEM) -> Prompt:
         """Render the conversation, tokenize it, preprocess its images and check it fits the context."""
         text, images = self.processor.render(messages, system)
         ids = self.processor.encode(text)
@@ -369,7 +369,7 @@ class Engine:
 
     # -------------------------------------------------------------------- 2. encode images
     @runs_on_mlx_thread
-    def encode_images(self, pixels: Sequence[mx.array], digests: Sequence[str]) -> List[mx.array]:
+    def encode_images(self, pixels: Sequence[mx.array], digests: Sequence[str]) -> list[mx.array]:
         """Projected embeddings (N, hidden) per image: from the cache, the misses in one tower call."""
         found = {d: self.image_cache.get(d) for d in dict.fromkeys(digests)}
         missing = [d for d, e in found.items() if e is None]
@@ -388,7 +388,7 @@ class Engine:
         return [found[d] for d in digests]
 
     # ------------------------------------------------------------------------- 3. splice
-    def embed(self, prompt: Prompt, start: int = 0, encoded: Optional[dict] = None) -> mx.array:
+    def embed(self, prompt: Prompt, start: int = 0, encoded: dict | None = None) -> mx.array:
         """Input embeddings of positions ``start:``; images wholly before ``start`` are not encoded.
 
         ``encoded`` maps digests to embeddings already computed (several requests encoded together)."""
@@ -406,8 +406,9 @@ class Engine:
         return self.model.embed_prompt(prompt.ids, image_embeds)[start:]
 
     # ---------------------------------------------------------------- 4. prefill and decode
-    def begin(self, prompt: Prompt, cache: PrefixCache, encoded: Optional[dict] = None,
-              step: int = PREFILL_STEP) -> Started:
+    def begin(
+        self, prompt: Prompt, cache: PrefixCache, encoded: dict | None = None, step: int = PREFILL_STEP
+    ) -> Started:
         """Both decode paths start here: take what ``cache`` holds of the prompt, encode the images the rest
         needs, and prefill all of it but the last position, which the decoder computes with the first token."""
         positions = prompt.positions()
@@ -423,7 +424,7 @@ class Engine:
 
     @streams_on_mlx_thread
     def stream(
-        self, prompt: Prompt, sampling: Sampling, cache: Optional[PromptCache] = None, **generate_kwargs
+        self, prompt: Prompt, sampling: Sampling, cache: PromptCache | None = None, **generate_kwargs
     ) -> Iterator[GenerationResponse]:
         """Prefill what ``cache`` does not hold and decode through mlx-lm; ``cache`` is updated in place.
 
@@ -456,8 +457,11 @@ class Engine:
                 check_finite(r.logprobs, r.token, self.dtype, bool(processors))
                 generated.append(r.token)
                 if r.finish_reason == "length" and budget < sampling.max_tokens:
-                    warnings.warn(f"the answer stopped at the model's context of {context} positions "
-                                  f"(the prompt took {len(positions)}; max_tokens was {sampling.max_tokens})")
+                    warnings.warn(
+                        f"the answer stopped at the model's context of {context} positions "
+                        f"(the prompt took {len(positions)}; max_tokens was {sampling.max_tokens})",
+                        stacklevel=2,
+                    )
                 yield GenerationResponse(
                     **dict(asdict(r), prompt_tokens=len(positions), prompt_tps=prompt_tps),
                     vision_ms=begun.vision_ms,
@@ -472,14 +476,14 @@ class Engine:
         """A conversation's cache is no longer needed: nothing to do here (``distributed.Replica`` tells the
         other ranks, whose counterparts of it can go)."""
 
-    def decoder(self, **options) -> "BatchDecoder":
+    def decoder(self, **options):
         """A batched decoder over this engine (``batching.BatchDecoder``'s options)."""
         from .batching import BatchDecoder
 
         return BatchDecoder(self, **options)
 
 
-def engine_for(model: FastVLM, processor: FastVLMProcessor, image_cache_bytes: Optional[int] = None) -> Engine:
+def engine_for(model: FastVLM, processor: FastVLMProcessor, image_cache_bytes: int | None = None) -> Engine:
     """The model's shared engine (and so its image-feature cache), made on first use.
 
     ``image_cache_bytes`` bounds the image-feature cache (default 256 MiB; 0 disables it).  On the leader of
@@ -504,21 +508,21 @@ def share_engine(engine):
 def stream_generate(
     model: FastVLM,
     processor: FastVLMProcessor,
-    prompt: Optional[str] = None,
+    prompt: str | None = None,
     image=None,
     *,
-    messages: Optional[Sequence[dict]] = None,
-    system: Optional[str] = DEFAULT_SYSTEM,
+    messages: Sequence[dict] | None = None,
+    system: str | None = DEFAULT_SYSTEM,
     max_tokens: int = 256,
     temperature: float = 0.0,
     top_p: float = 1.0,
     top_k: int = 0,
     min_p: float = 0.0,
-    repetition_penalty: Optional[float] = None,
+    repetition_penalty: float | None = None,
     repetition_context_size: int = 20,
-    seed: Optional[int] = None,
-    logits_processors: Optional[list] = None,
-    prompt_cache: Optional[PromptCache] = None,
+    seed: int | None = None,
+    logits_processors: list | None = None,
+    prompt_cache: PromptCache | None = None,
     **kwargs,
 ) -> Iterator[GenerationResponse]:
     """Yield text segments as they are generated.
@@ -547,6 +551,6 @@ def stream_generate(
     yield from engine.stream(engine.prepare(messages, system), sampling, prompt_cache, **kwargs)
 
 
-def generate(model: FastVLM, processor: FastVLMProcessor, prompt: Optional[str] = None, image=None, **kwargs) -> str:
+def generate(model: FastVLM, processor: FastVLMProcessor, prompt: str | None = None, image=None, **kwargs) -> str:
     """The whole answer as one string; keyword arguments as for ``stream_generate``."""
     return "".join(r.text for r in stream_generate(model, processor, prompt, image, **kwargs))

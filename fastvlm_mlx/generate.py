@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     def run(
         prompt: str = typer.Option(..., "--prompt", "-p", help="What to ask."),
         image: list[str] | None = typer.Option(
-            None, "--image", "-i",
+            None,
+            "--image",
+            "-i",
             help="Image file or http(s) URL; repeat for several images, omit for a text-only prompt.",
         ),
         model_path: str = model_option(),
@@ -57,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         images = [image_argument(i) for i in image or []]  # a bad image fails before the model loads
         run_ranked(
             lambda engine: _answer(engine.model, engine.processor, prompt, images, system, verbose, sampling),
-            model_path, parallel, connect_timeout, dtype=dtype, vision_backend=vision_backend,
+            model_path,
+            parallel,
+            connect_timeout,
+            dtype=dtype,
+            vision_backend=vision_backend,
         )
 
     app(args=argv)

@@ -29,8 +29,7 @@ from .errors import FastVLMError
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
 
 # ISO base media file brands (the `ftyp` box) of HEIF images, HEIC ones included, and of AVIF images.
-_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs",
-                b"mif1", b"msf1", b"mif2"}
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1", b"mif2"}
 _AVIF_BRANDS = {b"avif", b"avis"}
 
 HEIF_INSTALL = 'pip install "fastvlm-mlx[heif]" (or pip install pillow-heif)'
@@ -67,8 +66,10 @@ def unreadable_reason(head: bytes) -> str:
         from PIL import features
 
         if not features.check("avif"):
-            return ("an AVIF image needs a Pillow built with AVIF (the wheels of Pillow 11.2 and later): "
-                    "pip install -U pillow")
+            return (
+                "an AVIF image needs a Pillow built with AVIF (the wheels of Pillow 11.2 and later): "
+                "pip install -U pillow"
+            )
     return "not an image, or an image format PIL cannot read"
 
 

@@ -28,8 +28,10 @@ def require_mlx_lm(installed: str | None = None) -> None:
     except metadata.PackageNotFoundError:
         raise FastVLMError(f"mlx-lm is not installed; fastvlm-mlx needs mlx-lm>={MIN_MLX_LM}") from None
     if _release(installed) < _release(MIN_MLX_LM):
-        raise FastVLMError(f"mlx-lm {installed} is older than {MIN_MLX_LM}, the oldest fastvlm-mlx works with: "
-                           f"pip install -U 'mlx-lm>={MIN_MLX_LM}'")
+        raise FastVLMError(
+            f"mlx-lm {installed} is older than {MIN_MLX_LM}, the oldest fastvlm-mlx works with: "
+            f"pip install -U 'mlx-lm>={MIN_MLX_LM}'"
+        )
 
 
 require_mlx_lm()

@@ -162,8 +162,10 @@ class ChatSession:
 
 def _refuse_when_split(engine: Engine) -> None:
     if getattr(engine, "cluster", None) is not None:  # a distributed.Replica
-        raise FastVLMError("saving and loading conversations is not available with the decoder split over "
-                           "several ranks (each rank holds only its part of the KV cache)")
+        raise FastVLMError(
+            "saving and loading conversations is not available with the decoder split over "
+            "several ranks (each rank holds only its part of the KV cache)"
+        )
 
 
 def _restored(content):

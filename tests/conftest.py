@@ -66,8 +66,13 @@ def run_cli(*args, timeout=300, **kwargs):
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
     env.update(kwargs.pop("env", {}))
     return subprocess.run(
-        [sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout, env=env,
-        cwd=kwargs.pop("cwd", ROOT), input=kwargs.pop("input", None),
+        [sys.executable, "-m", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=kwargs.pop("cwd", ROOT),
+        input=kwargs.pop("input", None),
     )
 
 

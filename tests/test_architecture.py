@@ -46,7 +46,10 @@ def run_probe(**env):
 
     proc = subprocess.run(
         [sys.executable, "-c", PROBE, str(FIXTURES / "format_a"), str(PHOTO)],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
         env=dict(os.environ, HF_HUB_OFFLINE="1", FASTVLM_MLX_DTYPE="float32", **env),
     )
     assert proc.returncode == 0, proc.stderr

@@ -25,6 +25,7 @@ def local():
 def bomb_png(width=30000, height=30000) -> bytes:
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
 
@@ -52,8 +53,19 @@ def records(path):
 def test_folder_with_bad_files(folder, tmp_path, local):
     model, processor = local
     out = tmp_path / "out.jsonl"
-    proc = run_cli("fastvlm_mlx.batch", "--model", MODEL, "--input", str(folder), "--output", str(out),
-                   "--max-tokens", "8", "--batch-size", "2")
+    proc = run_cli(
+        "fastvlm_mlx.batch",
+        "--model",
+        MODEL,
+        "--input",
+        str(folder),
+        "--output",
+        str(out),
+        "--max-tokens",
+        "8",
+        "--batch-size",
+        "2",
+    )
     assert proc.returncode == 1, proc.stderr
     assert "3 input(s) with errors" in proc.stderr and "Traceback" not in proc.stderr
     got = {r["id"]: r for r in records(out)}
@@ -99,8 +111,12 @@ def test_killed_run_resumes_with_every_id_once(tmp_path):
         == 0
     )
     out = tmp_path / "out.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "fastvlm_mlx.batch", "-m", MODEL, "-i", str(src), "-o", str(out),
-                             "--max-tokens", "12"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fastvlm_mlx.batch", "-m", MODEL, "-i", str(src), "-o", str(out), "--max-tokens", "12"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 120
         while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 8):

@@ -91,8 +91,9 @@ def test_timm_init_gives_the_random_weights_timm_starts_from():
     from fastvlm_mlx.vision import FastViTHD, VisionConfig
 
     mx.random.seed(0)
-    tower = FastViTHD(VisionConfig(layers=list(SMOKE_VISION["layers"]), embed_dims=list(SMOKE_VISION["embed_dims"]),
-                                   image_size=128))
+    tower = FastViTHD(
+        VisionConfig(layers=list(SMOKE_VISION["layers"]), embed_dims=list(SMOKE_VISION["embed_dims"]), image_size=128)
+    )
     before = dict(tree_flatten(tower.parameters()))
     timm_init(tower)
     after = dict(tree_flatten(tower.parameters()))
@@ -111,12 +112,27 @@ def test_timm_init_gives_the_random_weights_timm_starts_from():
 
 def test_server_memory_smoke_run_stays_flat_after_warm_up():
     """Our server, caches off, 20 requests with new images: MLX's memory and the resident set stop growing."""
-    proc = run_cli("benchmarks.server", "--smoke", "--memory", "20", "--warmup", "5", "--max-tokens", "6",
-                   "--cache-mb", "0,0", timeout=600)
+    proc = run_cli(
+        "benchmarks.server",
+        "--smoke",
+        "--memory",
+        "20",
+        "--warmup",
+        "5",
+        "--max-tokens",
+        "6",
+        "--cache-mb",
+        "0,0",
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert [r["request"] for r in rows if "request" in r] == list(range(1, 21))
     summary = rows[-1]["memory_summary"]
-    assert set(summary) == {"resident_memory_bytes", "mlx_active_memory_bytes", "mlx_peak_memory_bytes",
-                            "mlx_cache_memory_bytes"}
+    assert set(summary) == {
+        "resident_memory_bytes",
+        "mlx_active_memory_bytes",
+        "mlx_peak_memory_bytes",
+        "mlx_cache_memory_bytes",
+    }
     assert all(v["flat"] for v in summary.values()), summary

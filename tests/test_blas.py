@@ -48,7 +48,10 @@ def run_fresh(tmp_path, env_value=None):
     env["LD_DEBUG_OUTPUT"] = str(tmp_path / "ld")
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(ROOT / "fastvlm_mlx" / "cpu" / "blas.py")],
-        env=env, capture_output=True, text=True, timeout=120,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -111,8 +114,13 @@ def test_disabled_loads_nothing(tmp_path, value):
 def run_with_blas_module(script: str) -> str:
     """Run ``script`` in a fresh interpreter (FASTVLM_MLX_BLAS unset) with blas.py's path as argv[1]; its stdout."""
     env = {k: v for k, v in os.environ.items() if k != "FASTVLM_MLX_BLAS"}
-    proc = subprocess.run([sys.executable, "-c", script, str(ROOT / "fastvlm_mlx" / "cpu" / "blas.py")],
-                          env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(ROOT / "fastvlm_mlx" / "cpu" / "blas.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip()
 
@@ -279,8 +287,13 @@ def test_bound_library_agrees_with_the_dynamic_loader(tmp_path, preload):
     )
     env = {k: v for k, v in os.environ.items() if k not in ("FASTVLM_MLX_BLAS", "LD_PRELOAD")}
     env.update(LD_DEBUG="bindings", LD_DEBUG_OUTPUT=str(tmp_path / "ld"))
-    proc = subprocess.run([sys.executable, "-c", script, str(ROOT / "fastvlm_mlx" / "cpu" / "blas.py"), library or ""],
-                          env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(ROOT / "fastvlm_mlx" / "cpu" / "blas.py"), library or ""],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     log = "".join(p.read_text(errors="replace") for p in tmp_path.glob("ld*"))
     targets = re.findall(r"binding file \S*mlx\S* \[\d+\] to (\S+) \[\d+\]: normal symbol `cblas_sgemm'", log)
@@ -293,8 +306,18 @@ def test_bound_library_agrees_with_the_dynamic_loader(tmp_path, preload):
 
 def test_a_blas_path_that_cannot_load_is_one_warning_line_at_load():
     """Said at model load, where a command has made warnings one line, not at import as Python's two-line form."""
-    proc = run_cli("fastvlm_mlx.generate", "-m", str(FIXTURES / "format_a"), "-p", "Hi.", "--max-tokens", "2",
-                   "--dtype", "float32", env={"FASTVLM_MLX_BLAS": "/nonexistent/libblas-missing.so"})
+    proc = run_cli(
+        "fastvlm_mlx.generate",
+        "-m",
+        str(FIXTURES / "format_a"),
+        "-p",
+        "Hi.",
+        "--max-tokens",
+        "2",
+        "--dtype",
+        "float32",
+        env={"FASTVLM_MLX_BLAS": "/nonexistent/libblas-missing.so"},
+    )
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("warning: "), proc.stderr

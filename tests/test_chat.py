@@ -296,17 +296,22 @@ def test_image_cache_is_bounded_and_can_be_disabled(monkeypatch, model_and_proce
 # --------------------------------------------------------------------------------- chat CLI
 def test_chat_cli_piped(tmp_path, model_and_processor):
     model, processor = model_and_processor
-    script = "\n".join([
-        f"/image {PHOTO}",
-        "Describe the image.",
-        f"/image {tmp_path / 'missing.png'}",
-        "What colour is the ball?",
-        "/reset",
-        "Hello there.",
-        f"/save {tmp_path / 'c.safetensors'}",
-        "/quit",
-        "never read",
-    ]) + "\n"
+    script = (
+        "\n".join(
+            [
+                f"/image {PHOTO}",
+                "Describe the image.",
+                f"/image {tmp_path / 'missing.png'}",
+                "What colour is the ball?",
+                "/reset",
+                "Hello there.",
+                f"/save {tmp_path / 'c.safetensors'}",
+                "/quit",
+                "never read",
+            ]
+        )
+        + "\n"
+    )
     proc = run_cli("fastvlm_mlx.chat", "--model", MODEL, "--max-tokens", "4", "--verbose", input=script)
     assert proc.returncode == 0, proc.stderr
     answers = proc.stdout.split("\n")[:-1]

@@ -365,8 +365,16 @@ def _convert_main(args) -> int:
 def test_cli_writes_package_next_to_weights(ct, tmp_path, capsys):
     out = tmp_path / "mlx"
     proc = run_cli(
-        "fastvlm_mlx.convert", "--hf-path", str(FIXTURES / "format_a"), "--mlx-path", str(out),
-        "--dtype", "float32", "--coreml", "--coreml-precision", "float32",
+        "fastvlm_mlx.convert",
+        "--hf-path",
+        str(FIXTURES / "format_a"),
+        "--mlx-path",
+        str(out),
+        "--dtype",
+        "float32",
+        "--coreml",
+        "--coreml-precision",
+        "float32",
     )
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr and "Running MIL" not in proc.stderr

@@ -112,8 +112,12 @@ def test_blocked_attention_kernel_matches_float64_attention():
             "attention.c calls the optimized BLAS, and none is installed (apt-get install libopenblas0-pthread)"
         )
     mx.random.seed(6)
-    cases = [((1, 24, 1024, 32), (1, 24, 1024, 32), False, 1.0), ((2, 14, 37, 64), (2, 2, 300, 64), True, 2.0),
-             ((1, 3, 5, 17), (1, 3, 9, 17), False, 1.0), ((1, 6, 7, 8), (1, 2, 7, 8), True, 40.0)]
+    cases = [
+        ((1, 24, 1024, 32), (1, 24, 1024, 32), False, 1.0),
+        ((2, 14, 37, 64), (2, 2, 300, 64), True, 2.0),
+        ((1, 3, 5, 17), (1, 3, 9, 17), False, 1.0),
+        ((1, 6, 7, 8), (1, 2, 7, 8), True, 40.0),
+    ]
     for q_shape, kv_shape, causal, size in cases:
         q, k, v = mx.random.normal(q_shape) * size, mx.random.normal(kv_shape), mx.random.normal(kv_shape)
         ref = _attention64(q, k, v, 0.3, causal)
@@ -142,8 +146,10 @@ def _rope64(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.nd
 
 
 @requires_c_kernels
-@pytest.mark.parametrize("batch,heads,kv_heads,dim,rope_dims,cached", [
-    (1, 14, 2, 64, 64, 300), (3, 6, 2, 40, 40, 37), (8, 14, 2, 64, 64, 5), (2, 4, 4, 24, 16, 0)])
+@pytest.mark.parametrize(
+    "batch,heads,kv_heads,dim,rope_dims,cached",
+    [(1, 14, 2, 64, 64, 300), (3, 6, 2, 40, 40, 37), (8, 14, 2, 64, 64, 5), (2, 4, 4, 24, 16, 0)],
+)
 def test_decode_step_attention_kernel_matches_float64(batch, heads, kv_heads, dim, rope_dims, cached):
     """attention.c's decode step (rope, then softmax attention of one new position over the cache and itself)
     against float64 maths: grouped heads, head sizes that are and are not multiples of 16, a rope over part of
@@ -192,8 +198,12 @@ def test_fused_pointwise_mlp_matches_float64():
         pytest.skip("mlp.c calls the optimized BLAS, and none is installed (apt-get install libopenblas0-pthread)")
     erf = np.vectorize(math.erf)
     mx.random.seed(7)
-    for batch, channels, hidden, side, channels_last in ((1, 24, 96, (9, 13), False), (2, 16, 64, (40, 41), False),
-                                                         (2, 48, 192, (5, 7), True), (1, 8, 2048, (3, 50), True)):
+    for batch, channels, hidden, side, channels_last in (
+        (1, 24, 96, (9, 13), False),
+        (2, 16, 64, (40, 41), False),
+        (2, 48, 192, (5, 7), True),
+        (1, 8, 2048, (3, 50), True),
+    ):
         fc1, fc2 = nn.Linear(channels, hidden), nn.Linear(hidden, channels)
         scale = mx.random.normal((channels,))
         shape = (batch, *side, channels) if channels_last else (batch, channels, *side)
@@ -238,9 +248,17 @@ def _qwen2_and_its_cpu_copy(seed: int, layers: int, tied: bool, stored=mx.float3
 
     from fastvlm_mlx.cpu import decoder
 
-    args = qwen2.ModelArgs(model_type="qwen2", hidden_size=64, num_hidden_layers=layers, intermediate_size=96,
-                           num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=50,
-                           tie_word_embeddings=tied)
+    args = qwen2.ModelArgs(
+        model_type="qwen2",
+        hidden_size=64,
+        num_hidden_layers=layers,
+        intermediate_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-6,
+        vocab_size=50,
+        tie_word_embeddings=tied,
+    )
     mx.random.seed(seed)
     ours = qwen2.Model(args)
     ours.set_dtype(stored)
@@ -375,8 +393,10 @@ def test_few_row_matmul_pool_under_threads_and_fork():
     fn = skinny.kernel()
     assert fn is not None, "the kernel could not be built (is there a C compiler?)"
     rng = np.random.default_rng(5)
-    cases = [(rng.normal(size=(r, k)).astype(np.float32), rng.normal(size=(n, k)).astype(np.float32))
-             for r, n, k in ((1, 901, 64), (8, 77, 33), (3, 1000, 896), (5, 9, 8))]
+    cases = [
+        (rng.normal(size=(r, k)).astype(np.float32), rng.normal(size=(n, k)).astype(np.float32))
+        for r, n, k in ((1, 901, 64), (8, 77, 33), (3, 1000, 896), (5, 9, 8))
+    ]
     refs = [x.astype(np.float64) @ w.astype(np.float64).T for x, w in cases]
 
     def close(outs):

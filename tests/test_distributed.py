@@ -37,12 +37,23 @@ class Ranks:
         self.hostfile.write_text(json.dumps(local_hosts(n)))
         # PYTHONFAULTHANDLER: a rank that crashes (a signal, an abort in native code) prints every thread's
         # Python stack to its stderr, which the assertions show
-        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1",
-                   MLX_HOSTFILE=str(self.hostfile))
+        env = dict(
+            os.environ,
+            HF_HUB_OFFLINE="1",
+            PYTHONUNBUFFERED="1",
+            PYTHONFAULTHANDLER="1",
+            MLX_HOSTFILE=str(self.hostfile),
+        )
         self.procs = [
-            subprocess.Popen([sys.executable, *command], cwd=ROOT, env=dict(env, MLX_RANK=str(r)), text=True,
-                             stdin=subprocess.PIPE if stdin is not None and r == 0 else subprocess.DEVNULL,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            subprocess.Popen(
+                [sys.executable, *command],
+                cwd=ROOT,
+                env=dict(env, MLX_RANK=str(r)),
+                text=True,
+                stdin=subprocess.PIPE if stdin is not None and r == 0 else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
             for r in (range(n) if ranks is None else ranks)
         ]
         self.stdin = stdin
@@ -95,8 +106,20 @@ def test_model_parallel_generation_equals_one_process(mode, tmp_path, local):
 @pytest.mark.parametrize("mode", ["tensor", "pipeline"])
 def test_generate_cli_prints_on_rank_0_only(mode, tmp_path, local):
     expected = generate(*local, "What is it?", image=PHOTO2, max_tokens=10)
-    cmd = ["-m", "fastvlm_mlx.generate", "-m", MODEL, "-i", str(PHOTO2), "-p", "What is it?", "--max-tokens", "10",
-           "--parallel", mode]
+    cmd = [
+        "-m",
+        "fastvlm_mlx.generate",
+        "-m",
+        MODEL,
+        "-i",
+        str(PHOTO2),
+        "-p",
+        "What is it?",
+        "--max-tokens",
+        "10",
+        "--parallel",
+        mode,
+    ]
     with Ranks(tmp_path, cmd) as ranks:
         (code0, out0, err0), (code1, out1, err1) = ranks.wait()
     assert code0 == 0 and code1 == 0, err0 + err1
@@ -132,8 +155,20 @@ def test_data_parallel_batch_equals_one_process_and_resumes(tmp_path):
     expected = {r["id"]: r for r in map(json.loads, single.read_text().splitlines())}
 
     out = tmp_path / "dp.jsonl"
-    cmd = ["-m", "fastvlm_mlx.batch", "-m", MODEL, "-i", str(src), "-o", str(out), "--max-tokens", "10",
-           "--batch-size", "2"]
+    cmd = [
+        "-m",
+        "fastvlm_mlx.batch",
+        "-m",
+        MODEL,
+        "-i",
+        str(src),
+        "-o",
+        str(out),
+        "--max-tokens",
+        "10",
+        "--batch-size",
+        "2",
+    ]
     with Ranks(tmp_path, cmd) as ranks:  # killed part-way: each rank has some records in its part file
         parts = [tmp_path / f"dp.jsonl.rank{r}-of-2" for r in range(2)]
         deadline = time.time() + 120
@@ -165,8 +200,20 @@ def test_tensor_parallel_batch_and_server(tmp_path, local):
     src = tmp_path / "list.txt"
     src.write_text(f"{PHOTO}\n{PHOTO2}\n")
     out = tmp_path / "tp.jsonl"
-    cmd = ["-m", "fastvlm_mlx.batch", "-m", MODEL, "-i", str(src), "-o", str(out), "--max-tokens", "8",
-           "--parallel", "tensor"]
+    cmd = [
+        "-m",
+        "fastvlm_mlx.batch",
+        "-m",
+        MODEL,
+        "-i",
+        str(src),
+        "-o",
+        str(out),
+        "--max-tokens",
+        "8",
+        "--parallel",
+        "tensor",
+    ]
     with Ranks(tmp_path, cmd) as ranks:
         (code0, _, err0), (code1, _, _) = ranks.wait()
     assert code0 == 0 and code1 == 0, err0
@@ -210,8 +257,9 @@ def test_tensor_parallel_batch_and_server(tmp_path, local):
         ranks.procs[0].send_signal(signal.SIGINT)
         (code0, _, err0), (code1, _, err1) = ranks.wait(timeout=60)
     assert code0 == 0 and code1 == 0, err0 + err1
-    assert answers == [generate(model, processor, f"Question {i}?", image=PHOTO if i % 2 else PHOTO2, max_tokens=8)
-                       for i in range(4)]
+    assert answers == [
+        generate(model, processor, f"Question {i}?", image=PHOTO if i % 2 else PHOTO2, max_tokens=8) for i in range(4)
+    ]
 
 
 def test_impossible_split_is_refused_before_any_work(tmp_path):
@@ -220,8 +268,10 @@ def test_impossible_split_is_refused_before_any_work(tmp_path):
         results = ranks.wait()
     for code, out, err in results:
         assert code == 1 and out == "" and "Traceback" not in err
-        assert err.strip() == ("error: --parallel tensor cannot split this model over 3 ranks: its 4 attention heads "
-                               "do not divide by 3 (use a divisor of 4 ranks, or --parallel pipeline)")
+        assert err.strip() == (
+            "error: --parallel tensor cannot split this model over 3 ranks: its 4 attention heads "
+            "do not divide by 3 (use a divisor of 4 ranks, or --parallel pipeline)"
+        )
     with Ranks(tmp_path, cmd[:-1] + ["pipeline"], n=3) as ranks:  # 2 layers cannot make 3 stages
         results = ranks.wait()
     assert all(code == 1 and "cannot split 2 decoder layers over 3 ranks" in err for code, _, err in results)

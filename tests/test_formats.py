@@ -85,6 +85,7 @@ def test_the_tolerances_are_tight_enough_to_see_a_dropped_bias(reference):
     logits = first_logits(model, processor.encode(meta["prompt_text"]), embeds)
     assert rel_err(logits[:448], arrays["logits_first"][:448]) > LOGITS_TOL
 
+
 def test_formats_agree_with_each_other(reference):
     arrays, meta = reference
     outputs = []
@@ -168,8 +169,10 @@ def test_bfloat16_checkpoint_loads(fixture_copy, reference, monkeypatch):
     assert rel_err(first_logits(model, ids, embeds), first_logits(plain, ids, embeds)) <= 1e-5
     text_ids = processor.encode(meta["text_only_prompt"])
     assert rel_err(first_logits(model, text_ids), first_logits(plain, text_ids)) <= 1e-5
-    ours, theirs = ([r for r in stream_generate(m, processor, "Describe the image.", image=str(PHOTO), max_tokens=12)]
-                    for m in (model, plain))  # decode steps: the bfloat16 kernel against MLX's float32 matmul
+    ours, theirs = (
+        [r for r in stream_generate(m, processor, "Describe the image.", image=str(PHOTO), max_tokens=12)]
+        for m in (model, plain)
+    )  # decode steps: the bfloat16 kernel against MLX's float32 matmul
     assert [r.token for r in ours] == [r.token for r in theirs] and len(ours) == 12
     assert max(rel_err(a.logprobs, b.logprobs) for a, b in zip(ours, theirs)) <= 1e-5
 

@@ -104,8 +104,9 @@ def test_api_stream_matches_reference(reference, model_and_processor):
     model, processor = model_and_processor
     responses = list(stream_generate(model, processor, "Describe the image.", image=PHOTO, max_tokens=16))
     noise = LOGITS_TOL * abs(arrays["logits_first"]).max().item()  # how far our logits may be from transformers'
-    assert_same_greedy_tokens([r.token for r in responses], arrays["greedy_tokens"].tolist(),
-                              [r.logprobs for r in responses], noise)
+    assert_same_greedy_tokens(
+        [r.token for r in responses], arrays["greedy_tokens"].tolist(), [r.logprobs for r in responses], noise
+    )
     last = responses[-1]
     assert last.prompt_tokens == 72  # image positions included
     assert last.generation_tokens == 16 and last.finish_reason == "length"

@@ -84,8 +84,19 @@ def test_batch_captions_a_folder_that_holds_a_heic(tmp_path, local):
     (folder / "a.png").write_bytes(PHOTO2.read_bytes())
     write_heic(PHOTO, folder / "IMG_0001.HEIC")
     out = tmp_path / "captions.jsonl"
-    proc = run_cli("fastvlm_mlx.batch", "--model", MODEL, "--input", str(folder), "--output", str(out),
-                   "--max-tokens", "8", "--batch-size", "2")
+    proc = run_cli(
+        "fastvlm_mlx.batch",
+        "--model",
+        MODEL,
+        "--input",
+        str(folder),
+        "--output",
+        str(out),
+        "--max-tokens",
+        "8",
+        "--batch-size",
+        "2",
+    )
     assert proc.returncode == 0, proc.stderr
     got = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert set(got) == {str(folder / "a.png"), str(folder / "IMG_0001.HEIC")}
@@ -100,13 +111,24 @@ def test_server_reads_a_heic_data_url(heic, local):
 
     model, processor = local
     url = "data:image/heic;base64," + base64.b64encode(heic.read_bytes()).decode()
-    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                      {"type": "text", "text": "Describe the image."}]}],
-            "max_tokens": 6, "temperature": 0}
+    body = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": url}},
+                    {"type": "text", "text": "Describe the image."},
+                ],
+            }
+        ],
+        "max_tokens": 6,
+        "temperature": 0,
+    }
     server = Server("--api-key", KEY)
     try:
-        response = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120,
-                              headers={"Authorization": f"Bearer {KEY}"})
+        response = httpx.post(
+            server.url + "/v1/chat/completions", json=body, timeout=120, headers={"Authorization": f"Bearer {KEY}"}
+        )
     finally:
         server.stop()
     assert response.status_code == 200, response.text
@@ -115,15 +137,28 @@ def test_server_reads_a_heic_data_url(heic, local):
 
 
 # Runs a module as `python -m` would, in an interpreter where `import pillow_heif` fails.
-WITHOUT_PILLOW_HEIF = ("import runpy, sys; sys.modules['pillow_heif'] = None; "
-                      "runpy.run_module(sys.argv.pop(1), run_name='__main__')")
+WITHOUT_PILLOW_HEIF = (
+    "import runpy, sys; sys.modules['pillow_heif'] = None; runpy.run_module(sys.argv.pop(1), run_name='__main__')"
+)
 
 
 def test_without_pillow_heif_a_heic_is_one_line_naming_the_install(heic):
     proc = run_cli("fastvlm_mlx.generate", "--model", MODEL, "--image", str(heic), "--prompt", "Hi.")
     assert proc.returncode == 0, proc.stderr  # the same command with pillow-heif installed
-    args = [sys.executable, "-c", WITHOUT_PILLOW_HEIF, "fastvlm_mlx.generate", "--model", MODEL,
-            "--image", str(heic), "--prompt", "Hi.", "--max-tokens", "4"]
+    args = [
+        sys.executable,
+        "-c",
+        WITHOUT_PILLOW_HEIF,
+        "fastvlm_mlx.generate",
+        "--model",
+        MODEL,
+        "--image",
+        str(heic),
+        "--prompt",
+        "Hi.",
+        "--max-tokens",
+        "4",
+    ]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
     assert_clean_error(proc, "photo.heic", 'pip install "fastvlm-mlx[heif]"', "pillow-heif")
 
@@ -137,5 +172,10 @@ def test_avif_where_pillow_reads_it(tmp_path):
     with Image.open(tmp_path / "photo.avif") as reference:  # Pillow's own AVIF decoder
         expected = np.array(preprocess(np.asarray(reference.convert("RGB")), 64))
     assert np.array_equal(np.array(preprocess(tmp_path / "photo.avif", 64)), expected)
-    assert np.abs(np.asarray(load_image(tmp_path / "photo.avif"), dtype=np.int16)
-                  - np.asarray(load_image(PHOTO), dtype=np.int16)).mean() < 6
+    assert (
+        np.abs(
+            np.asarray(load_image(tmp_path / "photo.avif"), dtype=np.int16)
+            - np.asarray(load_image(PHOTO), dtype=np.int16)
+        ).mean()
+        < 6
+    )

@@ -92,8 +92,16 @@ def test_other_caches_are_not_taken_for_plain_ones():
 
 
 def _tiny_qwen2() -> qwen2.Model:
-    args = qwen2.ModelArgs(model_type="qwen2", hidden_size=32, num_hidden_layers=2, intermediate_size=64,
-                           num_attention_heads=4, rms_norm_eps=1e-6, vocab_size=64, num_key_value_heads=2)
+    args = qwen2.ModelArgs(
+        model_type="qwen2",
+        hidden_size=32,
+        num_hidden_layers=2,
+        intermediate_size=64,
+        num_attention_heads=4,
+        rms_norm_eps=1e-6,
+        vocab_size=64,
+        num_key_value_heads=2,
+    )
     return qwen2.Model(args)
 
 
@@ -124,7 +132,10 @@ def test_become_keeps_every_weight_and_refuses_unrelated_classes():
     decoder.install(model)
     layer = model.layers[0]
     assert (type(layer), type(layer.self_attn), type(layer.mlp)) == (
-        decoder.CpuTransformerBlock, decoder.CpuAttention, decoder.CpuMLP)
+        decoder.CpuTransformerBlock,
+        decoder.CpuAttention,
+        decoder.CpuMLP,
+    )
     after = {k: v for k, v in tree_flatten(model.parameters())}
     assert before.keys() == after.keys() and all(before[k] is after[k] for k in before)
     with pytest.raises(TypeError, match="not a subclass"):

@@ -146,8 +146,10 @@ def test_a_temporary_folder_others_can_write_is_refused(fake_cc, monkeypatch, tm
 
 def test_processes_starting_together_build_once(fake_cc, monkeypatch):
     monkeypatch.setenv("SLEEP", "1")
-    procs = [subprocess.Popen([sys.executable, "-c", BUILD], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(4)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", BUILD], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
     try:
         outputs = [p.communicate(timeout=60) for p in procs]
     finally:
@@ -163,8 +165,9 @@ def test_processes_starting_together_build_once(fake_cc, monkeypatch):
 def test_a_build_killed_midway_leaves_nothing_behind(fake_cc, monkeypatch, tmp_path):
     cache = tmp_path / "cache" / "fastvlm_mlx"
     monkeypatch.setenv("SLEEP", "60")
-    killed = subprocess.Popen([sys.executable, "-c", BUILD], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)  # its own group: the compiler dies with it
+    killed = subprocess.Popen(
+        [sys.executable, "-c", BUILD], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )  # its own group: the compiler dies with it
     try:
         deadline = time.monotonic() + 30
         while not (fake_cc() and list(cache.glob("*.partial"))) and time.monotonic() < deadline:
@@ -198,8 +201,14 @@ def test_load_builds_the_kernels_so_that_vision_time_excludes_the_compile(monkey
     cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None or mx.default_device() != mx.cpu:
         pytest.skip("the C kernels are built only by the CPU layer, with a C compiler (none here)")
-    for module, name in ((native, "_library"), (skinny, "_kernels"), (attention, "_kernel"),
-                         (depthwise, "_compiled"), (mlp, "_kernel"), (attention, "_one_position")):
+    for module, name in (
+        (native, "_library"),
+        (skinny, "_kernels"),
+        (attention, "_kernel"),
+        (depthwise, "_compiled"),
+        (mlp, "_kernel"),
+        (attention, "_one_position"),
+    ):
         monkeypatch.setattr(module, name, None)
     monkeypatch.setattr(native, "_announced", False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))

@@ -53,15 +53,29 @@ def test_convert_runs_from_a_folder_with_its_own_convert_module(tmp_path):
     """A working directory's convert.py or convert/ must not shadow the converters (Python puts it first on the
     path)."""
     spec = importlib.util.find_spec("fastvlm_convert")
-    assert spec is not None and spec.origin == str(ROOT / "convert" / "__init__.py"), \
+    assert spec is not None and spec.origin == str(ROOT / "convert" / "__init__.py"), (
         f"fastvlm_convert is not this checkout's convert/ ({spec and spec.origin}): pip install -e . again"
+    )
     (tmp_path / "convert").mkdir()
     for shadow in (tmp_path / "convert.py", tmp_path / "convert" / "__init__.py"):
         shadow.write_text('raise SystemExit("shadowed")\n')
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "fastvlm_mlx.convert", "--hf-path", str(FIXTURES / "format_a"), "--mlx-path", str(out),
-         "--dtype", "float32"], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "fastvlm_mlx.convert",
+            "--hf-path",
+            str(FIXTURES / "format_a"),
+            "--mlx-path",
+            str(out),
+            "--dtype",
+            "float32",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
         env=dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1"),
     )
     assert proc.returncode == 0, proc.stderr

@@ -37,7 +37,11 @@ class Server:
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fastvlm_mlx.server", "--model", MODEL, "--port", str(self.port), *flags],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -67,8 +71,22 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server():
-    s = Server("--api-key", KEY, "--allowed-image-dir", str(FIXTURES / "images"), "--max-image-mb", "1",
-               "--max-body-mb", "4", "--max-tokens-limit", "64", "--image-cache-mb", "8", "--prompt-cache-mb", "32")
+    s = Server(
+        "--api-key",
+        KEY,
+        "--allowed-image-dir",
+        str(FIXTURES / "images"),
+        "--max-image-mb",
+        "1",
+        "--max-body-mb",
+        "4",
+        "--max-tokens-limit",
+        "64",
+        "--image-cache-mb",
+        "8",
+        "--prompt-cache-mb",
+        "32",
+    )
     yield s
     s.stop()
 
@@ -88,8 +106,11 @@ def data_url(path) -> str:
 
 
 def image_turn(text, *paths):
-    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(p)}} for p in paths]
-            + [{"type": "text", "text": text}]}
+    return {
+        "role": "user",
+        "content": [{"type": "image_url", "image_url": {"url": data_url(p)}} for p in paths]
+        + [{"type": "text", "text": text}],
+    }
 
 
 def local_messages(messages):
@@ -148,8 +169,11 @@ def test_answers_equal_generate(client, local):
 def test_multi_turn_and_two_images(client, local):
     model, processor = local
     conversations = [
-        [image_turn("Describe the image.", PHOTO), {"role": "assistant", "content": "A red ball."},
-         {"role": "user", "content": "What colour is the ball?"}],
+        [
+            image_turn("Describe the image.", PHOTO),
+            {"role": "assistant", "content": "A red ball."},
+            {"role": "user", "content": "What colour is the ball?"},
+        ],
         [{"role": "system", "content": "You answer briefly."}, image_turn("Compare the two images.", PHOTO, PHOTO2)],
     ]
     for messages in conversations:
@@ -159,8 +183,19 @@ def test_multi_turn_and_two_images(client, local):
 
 def test_local_files_under_the_allowed_directory(client, local):
     model, processor = local
-    r = ask(client, [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(PHOTO)}},
-                                                  {"type": "text", "text": "Describe the image."}]}], max_tokens=8)
+    r = ask(
+        client,
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": str(PHOTO)}},
+                    {"type": "text", "text": "Describe the image."},
+                ],
+            }
+        ],
+        max_tokens=8,
+    )
     assert r.choices[0].message.content == generate(model, processor, "Describe the image.", image=PHOTO, max_tokens=8)
 
 
@@ -168,7 +203,7 @@ def test_stop_strings_end_the_answer_and_never_leak(client, local):
     model, processor = local
     messages = [{"role": "user", "content": "Hello there."}]
     full = generate(model, processor, messages=messages, max_tokens=24)
-    stop = full[len(full) // 2: len(full) // 2 + 3]
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
     assert len(stop) == 3 and stop in full
     expected = full[: full.index(stop)]
     r = ask(client, messages, max_tokens=24, stop=[stop, "never-appears"])
@@ -192,8 +227,12 @@ def test_logprobs(client):
 # ------------------------------------------------------------------------------ concurrency
 def test_concurrent_greedy_requests_equal_sequential(client):
     images = [PHOTO, PHOTO2, None, PHOTO]
-    requests = [[image_turn(f"Question {i}: what is shown?", images[i % 4])] if images[i % 4]
-                else [{"role": "user", "content": f"Question {i}: hello there."}] for i in range(16)]
+    requests = [
+        [image_turn(f"Question {i}: what is shown?", images[i % 4])]
+        if images[i % 4]
+        else [{"role": "user", "content": f"Question {i}: hello there."}]
+        for i in range(16)
+    ]
     one = lambda m: ask(client, m, max_tokens=10).choices[0].message.content  # noqa: E731
     sequential = [one(m) for m in requests]
     with ThreadPoolExecutor(8) as pool:
@@ -202,10 +241,14 @@ def test_concurrent_greedy_requests_equal_sequential(client):
 
 
 def test_each_request_keeps_its_own_sampling_in_a_batch(client):
-    settings = [dict(temperature=0.8, seed=1), dict(temperature=1.2, seed=2, top_p=0.9), dict(temperature=0),
-                dict(temperature=1.0, seed=3, extra_body={"top_k": 5}),
-                dict(temperature=0.7, seed=4, extra_body={"min_p": 0.05, "repetition_penalty": 1.1}),
-                dict(temperature=1.5, seed=5)]
+    settings = [
+        dict(temperature=0.8, seed=1),
+        dict(temperature=1.2, seed=2, top_p=0.9),
+        dict(temperature=0),
+        dict(temperature=1.0, seed=3, extra_body={"top_k": 5}),
+        dict(temperature=0.7, seed=4, extra_body={"min_p": 0.05, "repetition_penalty": 1.1}),
+        dict(temperature=1.5, seed=5),
+    ]
     messages = [{"role": "user", "content": "Hello there."}]
     one = lambda s: ask(client, messages, max_tokens=12, **s).choices[0].message.content  # noqa: E731
     alone = [one(s) for s in settings]
@@ -218,16 +261,25 @@ def test_each_request_keeps_its_own_sampling_in_a_batch(client):
 # ------------------------------------------------------------------------------ bad input
 def _png_header_only(width, height) -> bytes:
     """A PNG that declares width x height pixels but holds almost no data."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
 
 
 def _image_body(data: bytes):
     url = "data:image/png;base64," + base64.b64encode(data).decode()
-    return {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                      {"type": "text", "text": "hi"}]}], "max_tokens": 2}
+    return {
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "hi"}],
+            }
+        ],
+        "max_tokens": 2,
+    }
 
 
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, client):
@@ -249,8 +301,21 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, client):
         (post(server, dict(good, tools=[{"type": "function"}])), 400, "tools"),
         (post(server, dict(good, n=2)), 400, "n"),
         (post(server, dict(good, response_format={"type": "json_object"})), 400, "response_format"),
-        (post(server, {"messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": str(ROOT / "README.md")}}]}]}), 403, "outside"),
+        (
+            post(
+                server,
+                {
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [{"type": "image_url", "image_url": {"url": str(ROOT / "README.md")}}],
+                        }
+                    ]
+                },
+            ),
+            403,
+            "outside",
+        ),
         (post(server, good, key="wrong"), 401, "api key"),
         (post(server, good, key=None), 401, "api key"),
         (post(server, None, raw=b"x" * (5 << 20)), 413, "body"),
@@ -266,8 +331,9 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, client):
 
 def test_client_that_drops_mid_stream_leaves_the_batch(server, client):
     body = {"messages": [{"role": "user", "content": "Hello there."}], "max_tokens": 64, "stream": True}
-    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
-                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as response:
+    with httpx.stream(
+        "POST", server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+    ) as response:
         lines = response.iter_lines()
         next(lines), next(lines)
     # the sequence is removed at once: the running batch empties long before 64 tokens could be generated
@@ -368,10 +434,20 @@ def test_remote_images_only_when_allowed_and_never_redirected_elsewhere(local):
     s = Server("--allow-remote-images", "--max-image-mb", "1")
     plain = Server()
     try:
+
         def body(path):
-            return {"messages": [{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": f"http://127.0.0.1:{port}{path}"}},
-                {"type": "text", "text": "Describe the image."}]}], "max_tokens": 6}
+            return {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": f"http://127.0.0.1:{port}{path}"}},
+                            {"type": "text", "text": "Describe the image."},
+                        ],
+                    }
+                ],
+                "max_tokens": 6,
+            }
 
         model, processor = local
         expected = generate(model, processor, "Describe the image.", image=PHOTO, max_tokens=6)

@@ -53,7 +53,11 @@ def test_calls_from_a_thread_pool_match_calls_alone_and_exit_cleanly(cpu_layer):
     env = dict(os.environ, FASTVLM_MLX_CPU=cpu_layer, PYTHONFAULTHANDLER="1", HF_HUB_OFFLINE="1")
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(FIXTURES / "format_a"), str(PHOTO), str(PHOTO2)],
-        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -80,8 +84,14 @@ print("done")
 def test_generate_from_a_worker_thread_then_a_normal_exit(cpu_layer):
     """Before the MLX thread, this aborted at exit ('terminate called without an active exception', status 134)."""
     env = dict(os.environ, FASTVLM_MLX_CPU=cpu_layer, HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, str(FIXTURES / "format_a"), str(PHOTO)],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-c", EXIT_SCRIPT, str(FIXTURES / "format_a"), str(PHOTO)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("done")
     assert "terminate called" not in proc.stderr

@@ -119,11 +119,11 @@ def to_mlx_names(fmt: str, weights: dict) -> tuple[dict, list[str]]:
         for src, dst, naming in _PREFIXES[fmt]:
             if key.startswith(src):
                 if naming:
-                    groups[naming][key[len(src):]] = key
+                    groups[naming][key[len(src) :]] = key
                 elif _TEXT_DROP.match(key):
                     dropped.append(key)
                 else:
-                    renamed[dst + key[len(src):]] = value
+                    renamed[dst + key[len(src) :]] = value
                 break
         else:
             unknown.append(key)

@@ -94,7 +94,7 @@ def infer_vision_config(weights: dict[str, mx.array], image_size: int, head_dim:
     layers, dims, mixers, pos_embs, ratios = [], [], [], [], set()
     for s in stage_ids:
         prefix = f"vision_tower.stages.{s}.blocks."
-        blocks = {int(k[len(prefix):].split(".")[0]) for k in weights if k.startswith(prefix)}
+        blocks = {int(k[len(prefix) :].split(".")[0]) for k in weights if k.startswith(prefix)}
         if not blocks or blocks != set(range(len(blocks))):
             raise FastVLMError(f"vision tower stage {s}: blocks missing or not numbered 0..n-1")
         fc1 = weights.get(f"{prefix}0.mlp.fc1.weight")

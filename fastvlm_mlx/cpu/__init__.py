@@ -22,7 +22,6 @@ This ``__init__`` imports nothing from MLX, so that step 1 can run before ``mlx.
 Every environment switch of the package is listed in ``SWITCHES`` (a test checks that no other is read).
 """
 
-
 SWITCHES = {
     "FASTVLM_MLX_DTYPE": "float32, float16 or bfloat16: what a model loaded without dtype= computes in (loader.py)",
     "FASTVLM_MLX_BLAS": "0/off/none/false/no: keep MLX's bundled BLAS; a path: load that library (blas.py)",

@@ -43,16 +43,32 @@ def one_position_kernel():
         try:
             _one_position = native.function(
                 "decode_attention_f32",
-                [pointer] * 5 + [size] * 2 + [number] + [pointer] * 2 + [number] + [pointer] * 3 + [number] * 4
-                + [ctypes.c_float, number])
+                [pointer] * 5
+                + [size] * 2
+                + [number]
+                + [pointer] * 2
+                + [number]
+                + [pointer] * 3
+                + [number] * 4
+                + [ctypes.c_float, number],
+            )
         except Exception:  # noqa: BLE001 - MLX's ops compute the same maths (skinny.kernel warns once)
             _one_position = False
     return _one_position or None
 
 
-def one_position(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache_keys: mx.array, cache_values: mx.array,
-                 cached: int, positions: np.ndarray, inv_freq: np.ndarray, keep: np.ndarray | None,
-                 scale: float) -> tuple | None:
+def one_position(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    cache_keys: mx.array,
+    cache_values: mx.array,
+    cached: int,
+    positions: np.ndarray,
+    inv_freq: np.ndarray,
+    keep: np.ndarray | None,
+    scale: float,
+) -> tuple | None:
     """A decode step's attention: q (B, H, D), k and v (B, G, D) float32, the new position's projections before
     the rope; the cache's (B, G, capacity, D) key and value buffers holding ``cached`` positions; each sequence's
     position (B,); the rope's frequencies (it rotates the first 2 * len(inv_freq) dimensions, halves as in
@@ -73,10 +89,28 @@ def one_position(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache_keys: mx.arr
     inv_freq = np.ascontiguousarray(inv_freq, dtype=np.float32)
     keep = None if keep is None else np.ascontiguousarray(keep, dtype=np.uint8)
     out, k_roped = np.empty_like(q), np.empty_like(k)
-    fn(q.ctypes.data, k.ctypes.data, v.ctypes.data, keys.ctypes.data, values.ctypes.data, keys.strides[0] // 4,
-       keys.strides[1] // 4, cached, positions.ctypes.data, inv_freq.ctypes.data, len(inv_freq),
-       None if keep is None else keep.ctypes.data, k_roped.ctypes.data, out.ctypes.data, b, heads, k.shape[1], dim,
-       scale, native.threads())
+    fn(
+        q.ctypes.data,
+        k.ctypes.data,
+        v.ctypes.data,
+        keys.ctypes.data,
+        values.ctypes.data,
+        keys.strides[0] // 4,
+        keys.strides[1] // 4,
+        cached,
+        positions.ctypes.data,
+        inv_freq.ctypes.data,
+        len(inv_freq),
+        None if keep is None else keep.ctypes.data,
+        k_roped.ctypes.data,
+        out.ctypes.data,
+        b,
+        heads,
+        k.shape[1],
+        dim,
+        scale,
+        native.threads(),
+    )
     return out.reshape(b, heads * dim), k_roped
 
 
@@ -97,6 +131,19 @@ def blocked_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causa
     qs, ks, vs = (np.ascontiguousarray(np.asarray(a), dtype=np.float32) for a in (q, k, v))
     out = np.empty_like(qs)
     with blas.blas_threads(1):  # the kernel's threads are the parallelism
-        fn(sgemm, qs.ctypes.data, ks.ctypes.data, vs.ctypes.data, out.ctypes.data, b * kv_heads, group * length,
-           length, keys, dim, scale, int(causal), native.threads())
+        fn(
+            sgemm,
+            qs.ctypes.data,
+            ks.ctypes.data,
+            vs.ctypes.data,
+            out.ctypes.data,
+            b * kv_heads,
+            group * length,
+            length,
+            keys,
+            dim,
+            scale,
+            int(causal),
+            native.threads(),
+        )
     return mx.array(out)

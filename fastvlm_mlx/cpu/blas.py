@@ -100,8 +100,12 @@ _SLOT_RELOCATIONS = {6, 7, 1025, 1026}
 
 
 class _DlInfo(ctypes.Structure):
-    _fields_ = [("fname", ctypes.c_char_p), ("fbase", ctypes.c_void_p),
-                ("sname", ctypes.c_char_p), ("saddr", ctypes.c_void_p)]
+    _fields_ = [
+        ("fname", ctypes.c_char_p),
+        ("fbase", ctypes.c_void_p),
+        ("sname", ctypes.c_char_p),
+        ("saddr", ctypes.c_void_p),
+    ]
 
 
 def _libdl():
@@ -130,7 +134,7 @@ def _symbol_slot(path, symbol):
         header = f.read(64)
         if header[:4] != b"\x7fELF" or header[4] != 2 or header[5] != 1:
             return None
-        shoff, = struct.unpack_from("<Q", header, 0x28)
+        (shoff,) = struct.unpack_from("<Q", header, 0x28)
         entsize, count = struct.unpack_from("<HH", header, 0x3A)
         f.seek(shoff)
         sections = [struct.unpack_from("<IIQQQQIIQQ", f.read(entsize)) for _ in range(count)]
@@ -143,8 +147,14 @@ def _symbol_slot(path, symbol):
         if dynsym is None:
             return None
         names, wanted = read(sections[dynsym][6]), symbol.encode() + b"\0"
-        index = next((n for n, (name, *_rest) in enumerate(struct.iter_unpack("<IBBHQQ", read(dynsym)))
-                      if names.startswith(wanted, name)), None)
+        index = next(
+            (
+                n
+                for n, (name, *_rest) in enumerate(struct.iter_unpack("<IBBHQQ", read(dynsym)))
+                if names.startswith(wanted, name)
+            ),
+            None,
+        )
         if index is None:
             return None
         for i, sec in enumerate(sections):
@@ -161,8 +171,15 @@ def _mlx_objects():
     if core is None or not getattr(core, "__file__", None):
         return []
     package = os.path.dirname(core.__file__)
-    found = [os.path.join(package, "lib", name) for name in sorted(os.listdir(os.path.join(package, "lib")))
-             if ".so" in name] if os.path.isdir(os.path.join(package, "lib")) else []
+    found = (
+        [
+            os.path.join(package, "lib", name)
+            for name in sorted(os.listdir(os.path.join(package, "lib")))
+            if ".so" in name
+        ]
+        if os.path.isdir(os.path.join(package, "lib"))
+        else []
+    )
     return found + [core.__file__]
 
 
@@ -329,8 +346,10 @@ def slow_blas_message():
     if not fixes or not candidates():
         fixes.append('install one: apt install libopenblas0-pthread, or pip install "fastvlm-mlx[fast-cpu]"')
     fix = "; ".join(fixes)
-    return (f"MLX uses a reference BLAS ({os.path.basename(bound)}), so float32 matrix products on this CPU "
-            f"run 20-40x slower: {fix}")
+    return (
+        f"MLX uses a reference BLAS ({os.path.basename(bound)}), so float32 matrix products on this CPU "
+        f"run 20-40x slower: {fix}"
+    )
 
 
 def warn_if_slow_blas() -> None:

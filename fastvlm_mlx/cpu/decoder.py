@@ -64,8 +64,13 @@ class CpuAttention(qwen2.Attention):
         if not is_plain_kv_cache(cache) or not _plain_rope(self.rope):
             return None
         b = len(q)
-        found = self._attend_cached(q.reshape(b, self.n_heads, -1), k.reshape(b, self.n_kv_heads, -1),
-                                    v.reshape(b, self.n_kv_heads, -1), mask, cache)
+        found = self._attend_cached(
+            q.reshape(b, self.n_heads, -1),
+            k.reshape(b, self.n_kv_heads, -1),
+            v.reshape(b, self.n_kv_heads, -1),
+            mask,
+            cache,
+        )
         if found is None:
             return None
         out, k_roped = found

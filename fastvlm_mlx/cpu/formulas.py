@@ -41,10 +41,22 @@ def _estrin(coeffs, u: mx.array) -> mx.array:
 # (the rational form and coefficients of Eigen's float erf).  Written in w = 2 * clamp(x, -A, A) with
 # A = 4 sqrt 2, so that the clamp needs no halving: x * (1/2 + w P~(w^2) / Q~(w^2)), where the
 # substitution s^2 = w^2 / 8 and the factor 1 / (4 sqrt 2) are folded into the coefficients.
-_ERF_P = (-1.60960333262415e-02, -2.95459980854025e-03, -7.34990630326855e-04, -5.69250639462346e-05,
-          -2.10102402082508e-06, 2.77068142495902e-08, -2.72614225801306e-10)  # ascending powers of s^2
-_ERF_Q = (-1.42647390514189e-02, -7.37332916720468e-03, -1.68282697438203e-03, -2.13374055278905e-04,
-          -1.45660718464996e-05)
+_ERF_P = (
+    -1.60960333262415e-02,
+    -2.95459980854025e-03,
+    -7.34990630326855e-04,
+    -5.69250639462346e-05,
+    -2.10102402082508e-06,
+    2.77068142495902e-08,
+    -2.72614225801306e-10,
+)  # ascending powers of s^2
+_ERF_Q = (
+    -1.42647390514189e-02,
+    -7.37332916720468e-03,
+    -1.68282697438203e-03,
+    -2.13374055278905e-04,
+    -1.45660718464996e-05,
+)
 _GELU_CLAMP = 4.0 * math.sqrt(2.0)
 _GELU_P = tuple(c / 8.0**i / (4.0 * math.sqrt(2.0)) for i, c in enumerate(_ERF_P))
 _GELU_Q = tuple(c / 8.0**i for i, c in enumerate(_ERF_Q))
@@ -86,8 +98,15 @@ _ROUND = 12582912.0  # 1.5 * 2^23: (t + _ROUND) - _ROUND rounds t to the nearest
 # its products with ordinary values stay normal floats: denormal arithmetic would slow the following
 # matmul down.
 _EXP_FLOOR = -64.0
-_EXP_POLY = (1.000000000592, 1.000000036134, 0.4999999149164, 0.1666642079678, 0.04166835815592,
-             0.008374774507024, 0.001382942431378)  # fit minimizing the relative error at Chebyshev nodes
+_EXP_POLY = (
+    1.000000000592,
+    1.000000036134,
+    0.4999999149164,
+    0.1666642079678,
+    0.04166835815592,
+    0.008374774507024,
+    0.001382942431378,
+)  # fit minimizing the relative error at Chebyshev nodes
 
 
 def _reduce_range(doubled: mx.array):

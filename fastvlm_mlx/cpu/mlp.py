@@ -29,8 +29,9 @@ def _pointer(a: np.ndarray | None):
     return None if a is None else a.ctypes.data
 
 
-def fused_mlp(x: mx.array, residual: mx.array, fc1: nn.Linear, fc2: nn.Linear, scale: mx.array,
-              channels_last: bool) -> mx.array | None:
+def fused_mlp(
+    x: mx.array, residual: mx.array, fc1: nn.Linear, fc2: nn.Linear, scale: mx.array, channels_last: bool
+) -> mx.array | None:
     """``residual + scale * fc2(gelu(fc1(x)))`` over the channel axis of float32 (B, C, H, W) arrays, or of
     (B, H, W, C) ones with ``channels_last``; None where the kernel cannot run."""
     found = kernel()
@@ -50,6 +51,21 @@ def fused_mlp(x: mx.array, residual: mx.array, fc1: nn.Linear, fc2: nn.Linear, s
     b1, b2 = (np.ascontiguousarray(np.asarray(layer.bias)) if "bias" in layer else None for layer in (fc1, fc2))
     out = np.empty_like(rs)
     with blas.blas_threads(1):  # the kernel's threads are the parallelism
-        fn(sgemm, xs.ctypes.data, rs.ctypes.data, w1.ctypes.data, _pointer(b1), w2.ctypes.data, _pointer(b2),
-           s.ctypes.data, out.ctypes.data, b, c, w1.shape[0], x.size // (b * c), int(channels_last), native.threads())
+        fn(
+            sgemm,
+            xs.ctypes.data,
+            rs.ctypes.data,
+            w1.ctypes.data,
+            _pointer(b1),
+            w2.ctypes.data,
+            _pointer(b2),
+            s.ctypes.data,
+            out.ctypes.data,
+            b,
+            c,
+            w1.shape[0],
+            x.size // (b * c),
+            int(channels_last),
+            native.threads(),
+        )
     return mx.array(out)

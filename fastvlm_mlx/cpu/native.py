@@ -146,8 +146,11 @@ def _announce() -> None:
     global _announced
     if not _announced:
         _announced = True
-        print("fastvlm_mlx: compiling the C kernels (once per machine and version, a few seconds)",
-              file=sys.stderr, flush=True)
+        print(
+            "fastvlm_mlx: compiling the C kernels (once per machine and version, a few seconds)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _compile(command: list[str], output: str) -> None:

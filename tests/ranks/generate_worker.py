@@ -21,8 +21,15 @@ def main(model_path, mode, image, max_tokens, out):
     with distributed.leading(cluster):
         steps = list(stream_generate(model, processor, "Describe the image.", image, max_tokens=int(max_tokens)))
     with open(out, "w") as f:
-        json.dump({"tokens": [r.token for r in steps], "text": "".join(r.text for r in steps),
-                   "logprobs": [r.logprobs.astype(mx.float32).tolist() for r in steps], "ranks": cluster.size}, f)
+        json.dump(
+            {
+                "tokens": [r.token for r in steps],
+                "text": "".join(r.text for r in steps),
+                "logprobs": [r.logprobs.astype(mx.float32).tolist() for r in steps],
+                "ranks": cluster.size,
+            },
+            f,
+        )
 
 
 if __name__ == "__main__":
