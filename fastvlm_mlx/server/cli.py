@@ -37,10 +37,17 @@ def main(argv: list[str] | None = None) -> int:
     import typer
 
     from .. import distributed
-    from ..cli import dtype_option, sampling_options, use_one_line_warnings
+    from ..cli import (
+        connect_timeout_option,
+        dtype_option,
+        model_option,
+        parallel_option,
+        sampling_options,
+        use_one_line_warnings,
+    )
     from ..engine import engine_for
     from ..errors import exit_on_user_error
-    from ..loader import DEFAULT_MODEL, load
+    from ..loader import load
 
     use_one_line_warnings()
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -53,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     @exit_on_user_error
     @sampling_options
     def run(
-        model_path: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model directory or Hugging Face repo id."),
+        model_path: str = model_option(),
         dtype: str | None = dtype_option(),
         host: str = typer.Option(d.host, "--host"),
         port: int = typer.Option(d.port, "--port", help="Port to listen on (0: any free port, printed at start)."),
@@ -89,10 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         prompt_cache_mb: int = typer.Option(
             d.prompt_cache_bytes // MB, "--prompt-cache-mb", help="Prompt (KV) cache bound."
         ),
-        parallel: str = typer.Option("tensor", "--parallel", help=distributed.PARALLEL_HELP),
-        connect_timeout: float = typer.Option(
-            distributed.DEFAULT_CONNECT_TIMEOUT, "--connect-timeout", help=distributed.CONNECT_HELP
-        ),
+        parallel: str = parallel_option(),
+        connect_timeout: float = connect_timeout_option(),
         sampling: dict | None = None,
     ):
         if allowed_image_dir is not None and not Path(allowed_image_dir).is_dir():
