@@ -274,6 +274,12 @@ def image_sharing(engine, cluster: Cluster) -> Callable:
     return share
 
 
+def refuse_logits_processors(sampling) -> None:
+    """Custom logits processors are code, which cannot be sent to the other ranks."""
+    if sampling.logits_processors:
+        raise FastVLMError("custom logits processors cannot be used with a decoder split over several ranks")
+
+
 class Replica:
     """The leader's engine for a model split over ranks: the engine's interface, each call first broadcast."""
 
@@ -288,7 +294,7 @@ class Replica:
         """The engine's stream on every rank.  After each token but the last the leader says whether its caller
         wants the next one, so that all ranks stop together."""
         sampling = sampling.seeded()  # ranks drawing from different keys would part ways
-        self._announce_unprocessed(sampling)
+        refuse_logits_processors(sampling)
         self.cluster.announce(
             "stream",
             prompt=prompt.shareable(),
@@ -317,11 +323,6 @@ class Replica:
         self.cluster.announce("decoder", **options)
         return ReplicatedDecoder(self.engine.decoder(**options), self.cluster)
 
-    @staticmethod
-    def _announce_unprocessed(sampling) -> None:
-        if sampling.logits_processors:
-            raise FastVLMError("custom logits processors cannot be used with a decoder split over several ranks")
-
 
 class ReplicatedDecoder:
     """The leader's batched decoder for a split model: admit, step and cancel are broadcast first."""
@@ -338,7 +339,7 @@ class ReplicatedDecoder:
     def admit(self, requests):
         seeded = [(prompt, sampling.seeded()) for prompt, sampling in requests]
         for _, sampling in seeded:
-            Replica._announce_unprocessed(sampling)
+            refuse_logits_processors(sampling)
         self.cluster.announce("admit", requests=[(p.shareable(), s.fields()) for p, s in seeded])
         return self.decoder.admit(seeded)
 

@@ -338,7 +338,6 @@ class Started:
     last_id: int
     last_embedding: mx.array  # (1, hidden)
     vision_ms: float
-    prefill_s: float
 
 
 class Engine:
@@ -418,9 +417,8 @@ class Engine:
         vision_ms = (time.perf_counter() - start) * 1e3
         filler = self.processor.tokenizer.pad_token_id or 0  # an id for image positions (the embeddings are read)
         ids = [t if isinstance(t, int) else filler for t in positions[cached:]]
-        start = time.perf_counter()
         prefill(self.model, kv, ids[:-1], embeddings[:-1], step)
-        return Started(kv, positions, cached, ids[-1], embeddings[-1:], vision_ms, time.perf_counter() - start)
+        return Started(kv, positions, cached, ids[-1], embeddings[-1:], vision_ms)
 
     @streams_on_mlx_thread
     def stream(

@@ -26,6 +26,7 @@ class _Worker:
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
         self.thread: threading.Thread | None = None
         self.lock = threading.Lock()
+        atexit.register(self.stop)
 
     def current(self) -> bool:
         return threading.current_thread() is self.thread
@@ -35,7 +36,6 @@ class _Worker:
             if self.thread is None or not self.thread.is_alive():
                 self.thread = threading.Thread(target=self._loop, name="fastvlm-mlx", daemon=True)
                 self.thread.start()
-                atexit.register(self.stop)
 
     def _loop(self) -> None:
         while True:
