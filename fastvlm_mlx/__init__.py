@@ -30,9 +30,21 @@ if _linux_cpu_build():  # must run before mlx.core is first imported
     BLAS_LIBRARY = prepare_process()
 
 from . import lm_internals  # noqa: E402, F401  first: it refuses an mlx-lm older than the floor in one line
-from .engine import GenerationResponse, generate, stream_generate  # noqa: E402
+from .engine import GenerationResponse, generate, parse, stream_generate  # noqa: E402
 from .errors import FastVLMError  # noqa: E402
 from .loader import load  # noqa: E402
 from .session import ChatSession  # noqa: E402
+from .structured import StructuredOutputError, constrain  # noqa: E402
 
-__all__ = ["load", "generate", "stream_generate", "ChatSession", "GenerationResponse", "FastVLMError", "BLAS_LIBRARY"]
+__all__ = [
+    "load",
+    "generate",
+    "stream_generate",
+    "parse",
+    "constrain",
+    "ChatSession",
+    "GenerationResponse",
+    "FastVLMError",
+    "StructuredOutputError",
+    "BLAS_LIBRARY",
+]

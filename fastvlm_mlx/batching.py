@@ -105,7 +105,7 @@ class BatchDecoder:
     def _admit_one(self, prompt: Prompt, sampling: Sampling, encoded: dict, vision_ms: float) -> Admitted:
         begun = self.engine.begin(prompt, self.prompt_cache, encoded, self.prefill_step)
         positions = begun.positions
-        processors = sampling.processors()
+        processors = sampling.processors(self.tokenizer)
         budget = sampling.budget(len(positions), self.engine.processor.context_length)  # stop at the context
         (uid,) = self.generator.insert(
             [[begun.last_id]],

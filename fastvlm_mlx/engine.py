@@ -30,6 +30,8 @@ from .lm_internals import generation_stream, wired_limit
 from .mlx_thread import runs_on_mlx_thread, streams_on_mlx_thread
 from .model import IMAGE_PLACEHOLDER, FastVLM
 from .processor import DEFAULT_SYSTEM, FastVLMProcessor, one_turn
+from .structured import KEYWORDS as STRUCTURED_KEYWORDS
+from .structured import GrammarMask, pop_constraint
 
 DEFAULT_IMAGE_CACHE_BYTES = 256 << 20  # ~280 images of the 0.5B model in float32, ~75 of the 7B in float16
 PREFILL_STEP = 2048  # positions per prefill call, mlx-lm's default
@@ -64,6 +66,7 @@ class Sampling:
     repetition_context_size: int = 20
     seed: int | None = None
     logits_processors: list[Callable] = field(default_factory=list)
+    constraint: str | None = None  # an llguidance grammar every answer must match (structured.Constraint.grammar)
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -103,11 +106,15 @@ class Sampling:
         """The most tokens this request may generate: ``max_tokens``, cut to what the context leaves."""
         return max(1, min(self.max_tokens, context_length - prompt_positions))
 
-    def processors(self) -> list:
+    def processors(self, tokenizer) -> list:
+        """The logits processors of one sequence, made fresh for it (a grammar's matcher holds the sequence's
+        state): penalties, the caller's own, and last the grammar's mask, so that nothing re-admits a token
+        the grammar forbids."""
         penalties = make_logits_processors(
             repetition_penalty=self.repetition_penalty, repetition_context_size=self.repetition_context_size
         )
-        return penalties + list(self.logits_processors)
+        grammar = [GrammarMask(tokenizer, self.constraint)] if self.constraint else []
+        return penalties + list(self.logits_processors) + grammar
 
 
 def check_finite(logprobs: mx.array, token: int, dtype: mx.Dtype, processed: bool = False) -> None:
@@ -433,7 +440,7 @@ class Engine:
         start = time.perf_counter()
         begun = self.begin(prompt, cache)
         positions, generated, ttft_ms = begun.positions, [], None
-        processors = sampling.processors()
+        processors = sampling.processors(self.processor.tokenizer)
         context = self.processor.context_length
         budget = sampling.budget(len(positions), context)
         try:
@@ -527,9 +534,14 @@ def stream_generate(
 
     Either ``prompt`` (one user turn) with ``image`` (one image, a list of images, or None), or
     ``messages=[{"role": ..., "content": str | [parts]}, ...]`` (see ``FastVLMProcessor.render``).
-    ``prompt_cache`` (a ``PromptCache``) carries a KV cache from one call to the next.  Extra keyword
-    arguments go to mlx-lm's ``generate_step`` (e.g. ``kv_bits``).
+    ``prompt_cache`` (a ``PromptCache``) carries a KV cache from one call to the next.
+
+    Structured output (``structured.constrain``): ``response_format=`` (OpenAI's shape, or a pydantic model
+    class), or one of ``schema=`` (a JSON Schema dict or a pydantic model class), ``regex=``, ``choices=``
+    (a list of strings) and ``grammar=`` (Lark); the answer then matches it.  Other keyword arguments go to
+    mlx-lm's ``generate_step`` (e.g. ``kv_bits``).
     """
+    constraint = pop_constraint(kwargs)
     if messages is None:
         messages = one_turn(prompt, image)
     elif prompt is not None or image is not None:
@@ -544,6 +556,7 @@ def stream_generate(
         repetition_context_size=repetition_context_size,
         seed=seed,
         logits_processors=list(logits_processors or []),
+        constraint=constraint.grammar if constraint else None,
     )
     engine = engine_for(model, processor)
     yield from engine.stream(engine.prepare(messages, system), sampling, prompt_cache, **kwargs)
@@ -552,3 +565,15 @@ def stream_generate(
 def generate(model: FastVLM, processor: FastVLMProcessor, prompt: str | None = None, image=None, **kwargs) -> str:
     """The whole answer as one string; keyword arguments as for ``stream_generate``."""
     return "".join(r.text for r in stream_generate(model, processor, prompt, image, **kwargs))
+
+
+def parse(model: FastVLM, processor: FastVLMProcessor, prompt: str | None = None, image=None, **kwargs):
+    """The answer as a value: with ``schema=SomeModel`` an instance of that pydantic model, with a JSON Schema
+    dict the decoded JSON, with ``regex``/``choices``/``grammar`` the text.  Keyword arguments as for
+    ``stream_generate``; one structured-output keyword is required.  Raises ``StructuredOutputError`` when
+    ``max_tokens`` cut the answer short."""
+    constraint = pop_constraint(kwargs)
+    if constraint is None:
+        raise FastVLMError(f"parse needs one of {', '.join(STRUCTURED_KEYWORDS)}")
+    responses = list(stream_generate(model, processor, prompt, image, response_format=constraint, **kwargs))
+    return constraint.parse("".join(r.text for r in responses), responses[-1].finish_reason)

@@ -3,6 +3,7 @@
     chat = ChatSession(model, processor)
     print(chat.ask("What is in this photo?", images=["photo.jpg"]))
     print(chat.ask("And what colour is the car?"))     # the image and the first turn come from the cache
+    chat.parse("Is it raining?", choices=["yes", "no"])   # structured output, as fastvlm_mlx.parse
     chat.save("trip.safetensors")                      # history and KV cache; ChatSession.load(...) resumes
 
 The history (``messages``) is re-rendered every turn and matched position by position against what the
@@ -27,6 +28,7 @@ from .errors import FastVLMError
 from .mlx_thread import runs_on_mlx_thread
 from .model import FastVLM
 from .processor import DEFAULT_SYSTEM, FastVLMProcessor, one_turn
+from .structured import KEYWORDS, pop_constraint
 
 SAVE_FORMAT = "fastvlm_mlx.chat/1"
 
@@ -79,8 +81,9 @@ class ChatSession:
         if the caller stops early) join ``messages``; a request that fails before generating leaves the
         history as it was."""
         turn = one_turn(text, images)[0]
+        constraint = pop_constraint(sampling)
         prompt = self.engine.prepare(self.messages + [turn], system=None)
-        options = Sampling(**sampling)
+        options = Sampling(**sampling, constraint=constraint.grammar if constraint else None)
         answer: list | None = None
         try:
             for response in self.engine.stream(prompt, options, self.cache):
@@ -93,6 +96,15 @@ class ChatSession:
     def ask(self, text: str, images=None, **sampling) -> str:
         """The whole answer as one string."""
         return "".join(r.text for r in self.stream(text, images, **sampling))
+
+    def parse(self, text: str, images=None, **sampling):
+        """Ask with a structured-output keyword (``schema=``, ...) and return the answer as a value, as
+        ``fastvlm_mlx.parse`` does."""
+        constraint = pop_constraint(sampling)
+        if constraint is None:
+            raise FastVLMError(f"parse needs one of {', '.join(KEYWORDS)}")
+        responses = list(self.stream(text, images, response_format=constraint, **sampling))
+        return constraint.parse("".join(r.text for r in responses), responses[-1].finish_reason)
 
     # --------------------------------------------------------------------------------- on disk
     @runs_on_mlx_thread
