@@ -78,13 +78,26 @@ def _compiled(kind: str, grammar: str, what: str, **fields) -> Constraint:
     return Constraint(kind, grammar, **fields)
 
 
+def _closed(schema):
+    """A pydantic model's schema with no extra keys allowed where it does not say otherwise, as OpenAI's client
+    sends it: pydantic would drop such keys anyway, and a model should not spend tokens on them."""
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {k: _closed(v) for k, v in schema.items()}
+    if closed.get("type") == "object" and "properties" in closed:
+        closed.setdefault("additionalProperties", False)
+    return closed
+
+
 def from_schema(schema: dict | str | type, kind: str = "json_schema") -> Constraint:
     """A constraint for a JSON Schema (a dict, its JSON text, or a pydantic model class)."""
     output_type = None
     if isinstance(schema, type):
         if not hasattr(schema, "model_json_schema"):
             raise StructuredOutputError(f"schema: {schema.__name__} is not a pydantic model class")
-        output_type, schema = schema, schema.model_json_schema()
+        output_type, schema = schema, _closed(schema.model_json_schema())
     elif isinstance(schema, str):
         try:
             schema = json.loads(schema)
