@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from . import responses
 from .config import ServerConfig
 from .protocol import APIError, ChatCompletionResponse
 from .serving import ChatService
@@ -40,10 +41,8 @@ async def prometheus(request: Request):
     return PlainTextResponse(service_of(request).render_metrics(), media_type="text/plain; version=0.0.4")
 
 
-@router.post("/v1/chat/completions")
-async def chat_completions(request: Request):
-    service = service_of(request)
-    limit = service.cfg.max_body_bytes
+async def json_body(request: Request, limit: int):
+    """The request's body as decoded JSON; 413 over ``limit`` bytes (by its declared length before reading it)."""
     size = request.headers.get("content-length")
     if size is not None and size.isdigit() and int(size) > limit:
         raise APIError(413, f"request body over {limit} bytes", None, "request_too_large")
@@ -51,11 +50,27 @@ async def chat_completions(request: Request):
     if len(raw) > limit:
         raise APIError(413, f"request body over {limit} bytes", None, "request_too_large")
     try:
-        body = json.loads(raw)
+        return json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise APIError(400, "the request body is not valid JSON") from None
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    service = service_of(request)
+    body = await json_body(request, service.cfg.max_body_bytes)
     result = await service.create(body, request.is_disconnected)
     if isinstance(result, ChatCompletionResponse):
+        return JSONResponse(result.model_dump())
+    return StreamingResponse(result, media_type="text/event-stream")
+
+
+@router.post("/v1/responses")
+async def create_response(request: Request):
+    service = service_of(request)
+    body = await json_body(request, service.cfg.max_body_bytes)
+    result = await responses.create(service, body, request.is_disconnected)
+    if isinstance(result, responses.ResponseObject):
         return JSONResponse(result.model_dump())
     return StreamingResponse(result, media_type="text/event-stream")
 
