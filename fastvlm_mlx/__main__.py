@@ -7,7 +7,7 @@ import sys
 COMMANDS = {
     "generate": ("fastvlm_mlx.generate", "answer one prompt about images, streaming the answer"),
     "chat": ("fastvlm_mlx.chat", "talk about images in the terminal, keeping the conversation"),
-    "server": ("fastvlm_mlx.server", "serve the OpenAI chat-completions API"),
+    "server": ("fastvlm_mlx.server", "serve the OpenAI chat-completions and Responses APIs"),
     "batch": ("fastvlm_mlx.batch", "caption or question a whole image collection into a JSONL file, resumably"),
     "convert": ("fastvlm_mlx.convert", "convert Apple, transformers or mlx-vlm checkpoints (and export CoreML)"),
 }

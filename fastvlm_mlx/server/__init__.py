@@ -1,4 +1,4 @@
-"""``python -m fastvlm_mlx.server``: an OpenAI-compatible chat-completions server over the engine.
+"""``python -m fastvlm_mlx.server``: an OpenAI-compatible server (chat completions and the Responses API).
 
 HTTP handling (FastAPI + uvicorn) runs on the event loop; all MLX work runs on one generation thread that admits
 queued requests, prefills them through the engine (images of requests that arrive together in one vision-tower

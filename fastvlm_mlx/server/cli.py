@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     d = DEFAULTS
 
     @app.command(
-        help="Serve FastVLM over the OpenAI chat-completions API (binds to 127.0.0.1 by default). "
+        help="Serve FastVLM over the OpenAI chat-completions and Responses APIs (binds to 127.0.0.1 by default). "
         "The sampling options are the defaults of requests that leave them out."
     )
     @exit_on_user_error
