@@ -8,7 +8,9 @@ back to ``--prompt``).  Images are decoded ahead of the model on a background th
 ``--batch-size`` at a time in one vision-tower call, and decoded together (``batching.BatchDecoder``,
 the server's batching).  Each finished input appends one JSON line to ``--output`` and flushes it; a
 re-run skips the ids already there (a torn last line is dropped first), so a run stopped at any point
-resumes where it was.  A missing, corrupt or oversized image becomes an ``error`` record and the run
+resumes where it was.  With ``--schema FILE`` (a JSON Schema), ``--regex`` or ``--choices`` every answer
+matches it; under ``--schema`` the record also holds the decoded answer under ``json``.  A missing, corrupt or
+oversized image, or a structured answer cut short by ``--max-tokens``, becomes an ``error`` record and the run
 goes on; ``--retry-errors`` tries the inputs with an error record again (their old records are dropped
 first, in one atomic rewrite of the file).  Exit status: 0 when every input has a record without
 error, 1 otherwise, 130 when stopped by Ctrl-C (what was done is kept: run again to resume).
@@ -111,8 +113,10 @@ def _decode_ahead(items: list[dict], out: "queue.Queue", stop: threading.Event) 
     out.put(None)
 
 
-def caption(engine, items: list[dict], sampling: dict, batch_size: int, write) -> None:
-    """Answer every item with batched decoding; ``write(record)`` is called as each one finishes."""
+def caption(engine, items: list[dict], sampling: dict, batch_size: int, write, constraint=None) -> None:
+    """Answer every item with batched decoding; ``write(record)`` is called as each one finishes.  Under a
+    ``constraint`` (``structured.Constraint``) each answer matches it, and its sequence gets the grammar through
+    ``Sampling.constraint``."""
     from .engine import Sampling
 
     decoder = engine.decoder(max_batch=batch_size)
@@ -150,7 +154,7 @@ def caption(engine, items: list[dict], sampling: dict, batch_size: int, write) -
                 if error is not None:
                     write({"id": item["id"], "image": item["image"], "prompt": item["prompt"], "error": error})
             if ready:
-                options = Sampling(**sampling)
+                options = Sampling(**sampling, constraint=constraint.grammar if constraint else None)
                 for (item, _), admitted in zip(ready, decoder.admit([(p, options) for _, p in ready])):
                     running[admitted.uid] = (item, admitted, [])
             for t in decoder.step():
@@ -161,23 +165,46 @@ def caption(engine, items: list[dict], sampling: dict, batch_size: int, write) -
                     write({"id": item["id"], "image": item["image"], "prompt": item["prompt"], "error": t.error})
                 elif t.finish_reason is not None:
                     del running[t.uid]
-                    write(
-                        {
-                            "id": item["id"],
-                            "image": item["image"],
-                            "prompt": item["prompt"],
-                            "text": "".join(text),
-                            "finish_reason": t.finish_reason,
-                            "prompt_tokens": admitted.prompt_tokens,
-                            "generation_tokens": t.generation_tokens,
-                        }
-                    )
+                    write(_record(item, admitted, t, "".join(text), constraint, sampling["max_tokens"]))
     finally:
         stop.set()
 
 
+def _record(item: dict, admitted, last, text: str, constraint, max_tokens: int) -> dict:
+    """The record of a finished answer; under a constraint, with its value (``json``, for a schema), or an
+    error record when it ended before it matched."""
+    from .cli import cut_short
+    from .structured import StructuredOutputError
+
+    record = {"id": item["id"], "image": item["image"], "prompt": item["prompt"]}
+    if constraint is not None and last.finish_reason == "length":
+        return {**record, "error": cut_short(constraint, max_tokens, last.generation_tokens)}
+    record.update(
+        text=text,
+        finish_reason=last.finish_reason,
+        prompt_tokens=admitted.prompt_tokens,
+        generation_tokens=last.generation_tokens,
+    )
+    if constraint is not None and constraint.is_json:
+        try:
+            record["json"] = constraint.parse(text, last.finish_reason)
+        except StructuredOutputError as e:
+            return {**record, "error": str(e)}
+    return record
+
+
 def _caption_all(
-    model_path, source, output, prompt, sampling, batch_size, loaded=None, cluster=None, retry_errors=False, dtype=None
+    model_path,
+    source,
+    output,
+    prompt,
+    sampling,
+    batch_size,
+    loaded=None,
+    cluster=None,
+    retry_errors=False,
+    dtype=None,
+    constraint=None,
 ) -> int:
     """The whole run of one process, or of one data-parallel rank (``cluster``): list the inputs, skip
     those already answered, caption the rest, summarize; returns the exit status."""
@@ -221,7 +248,7 @@ def _caption_all(
                 bar.set_postfix(done=counts[0], failed=counts[1])
 
             try:
-                caption(engine_for(model, processor), todo, sampling, batch_size, write)
+                caption(engine_for(model, processor), todo, sampling, batch_size, write, constraint)
             except KeyboardInterrupt:
                 if cluster is not None:
                     raise
@@ -307,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         report_interrupt,
         run_ranked,
         sampling_options,
+        structured_options,
         use_one_line_warnings,
     )
     from .errors import exit_on_user_error
@@ -317,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
 
     @app.command(help="Caption or question every image of a folder, glob, list or JSONL file into a JSONL file.")
     @exit_on_user_error
+    @structured_options
     @sampling_options
     def run(
         model_path: str = model_option(),
@@ -337,12 +366,13 @@ def main(argv: list[str] | None = None) -> int:
         ),
         connect_timeout: float = connect_timeout_option(),
         sampling: dict | None = None,
+        constraint=None,
     ):
         if batch_size < 1:
             raise FastVLMError(f"--batch-size must be at least 1 (got {batch_size})")
         if output.is_dir():
             raise FastVLMError(f"{output}: is a directory; --output names the JSONL file to write")
-        options = dict(retry_errors=retry_errors, dtype=dtype)
+        options = dict(retry_errors=retry_errors, dtype=dtype, constraint=constraint)
         cluster = distributed.start(parallel, connect_timeout, allowed=("data",) + distributed.MODEL_PARALLEL)
         if cluster is None or not cluster.splits_model:  # alone, or a data-parallel rank: the model loads if needed
             status["code"] = _caption_all(

@@ -1,11 +1,13 @@
 """``python -m fastvlm_mlx.chat``: chat with FastVLM about images in the terminal (or from a script).
 
 Each answer streams to stdout.  Commands: ``/image PATH`` attaches an image (a file or an http(s) URL) to
-the next message, ``/reset`` starts over, ``/save FILE`` and ``/load FILE`` keep a conversation (history
-and KV cache, in ``FILE.safetensors``), ``/quit`` leaves.  In a terminal the input line can be edited and
-earlier lines recalled (prompt_toolkit); Ctrl-C stops the answer being written and keeps the conversation,
-Ctrl-C at the prompt or Ctrl-D leaves.  When stdin is not a terminal, each line is one user message and
-each answer one line of output.  A bad command or input prints one ``error: ...`` line and the
+the next message, ``/schema FILE`` makes the following answers JSON that matches the JSON Schema in FILE
+(``/schema off`` goes back to free text, ``/schema`` alone says which is in force; ``--schema``, ``--regex``
+or ``--choices`` set one from the start), ``/reset`` starts over, ``/save FILE`` and ``/load FILE`` keep a
+conversation (history and KV cache, in ``FILE.safetensors``), ``/quit`` leaves.  In a terminal the input line
+can be edited and earlier lines recalled (prompt_toolkit); Ctrl-C stops the answer being written and keeps
+the conversation, Ctrl-C at the prompt or Ctrl-D leaves.  When stdin is not a terminal, each line is one user
+message and each answer one line of output.  A bad command or input prints one ``error: ...`` line and the
 conversation goes on.
 """
 
@@ -15,7 +17,7 @@ from collections.abc import Callable
 from .errors import FastVLMError
 from .processor import DEFAULT_SYSTEM
 
-HELP = "commands: /image PATH, /reset, /save FILE, /load FILE, /quit"
+HELP = "commands: /image PATH, /schema FILE|off, /reset, /save FILE, /load FILE, /quit"
 
 
 def _stats_line(r) -> str:
@@ -29,10 +31,11 @@ def _stats_line(r) -> str:
 class ChatREPL:
     """The loop, apart from the model loading, so that it can be driven line by line."""
 
-    def __init__(self, chat, sampling: dict, verbose: bool = False, out=sys.stdout, err=sys.stderr):
+    def __init__(self, chat, sampling: dict, verbose: bool = False, out=sys.stdout, err=sys.stderr, constraint=None):
         self.chat, self.sampling, self.verbose = chat, sampling, verbose
         self.out, self.err = out, err
         self.images: list[str] = []
+        self.constraint = constraint  # what the answers must match (structured.Constraint), None for free text
 
     def handle(self, line: str) -> bool:
         """One line of input; returns False when the session should end."""
@@ -73,15 +76,42 @@ class ChatREPL:
                 raise FastVLMError("/load needs a file name")
             self.chat = ChatSession.load(conversation_file(arg), self.chat.model, self.chat.processor)
             self.images = []
+        elif name == "/schema":
+            self._schema(arg)
         elif name == "/help":
             print(HELP, file=self.err, flush=True)
         else:
             raise FastVLMError(f"unknown command {name} ({HELP})")
         return True
 
+    def _schema(self, arg: str) -> None:
+        """``/schema FILE`` sets the answers' JSON Schema, ``/schema off`` clears it, ``/schema`` shows it."""
+        import json
+
+        from .cli import schema_file
+
+        if arg and arg != "off":
+            self.constraint = schema_file(arg)  # a bad file raises here, and the schema in force stays
+            print(f"answers follow the JSON schema in {arg} (/schema off: free text)", file=self.err, flush=True)
+            return
+        if arg == "off":
+            self.constraint = None
+        if self.constraint is None:
+            said = "no schema: answers are free text"
+        elif self.constraint.schema is not None:
+            said = "answers follow the JSON schema " + json.dumps(self.constraint.schema, separators=(",", ":"))
+        else:
+            said = {"regex": "answers match the --regex given at the start"}.get(
+                self.constraint.kind, "answers are one of the --choices given at the start"
+            )
+        print(said, file=self.err, flush=True)
+
     def _ask(self, text: str) -> None:
+        from .cli import cut_short
+        from .engine import Sampling
+
         last = None
-        answer = self.chat.stream(text, self.images or None, **self.sampling)
+        answer = self.chat.stream(text, self.images or None, response_format=self.constraint, **self.sampling)
         try:
             for last in answer:
                 self.out.write(last.text)
@@ -99,6 +129,11 @@ class ChatREPL:
         self.out.flush()
         if self.verbose and last is not None:
             print(_stats_line(last), file=self.err, flush=True)
+        if self.constraint is not None and last is not None and last.finish_reason == "length":
+            max_tokens = self.sampling.get("max_tokens", Sampling.max_tokens)
+            print(
+                f"warning: {cut_short(self.constraint, max_tokens, last.generation_tokens)}", file=self.err, flush=True
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         parallel_option,
         run_ranked,
         sampling_options,
+        structured_options,
         use_one_line_warnings,
     )
     from .errors import exit_on_user_error
@@ -121,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
     @app.command(help="Chat with FastVLM about images. " + HELP + ".")
     @exit_on_user_error
+    @structured_options
     @sampling_options
     def run(
         model_path: str = model_option(),
@@ -134,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         parallel: str = parallel_option(),
         connect_timeout: float = connect_timeout_option(),
         sampling: dict | None = None,
+        constraint=None,
     ):
         from .session import ChatSession
 
@@ -141,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def converse(engine) -> None:
             chat = ChatSession(engine.model, engine.processor, system=system or None, engine=engine)
-            repl = ChatREPL(chat, sampling, verbose)
+            repl = ChatREPL(chat, sampling, verbose, constraint=constraint)
             repl.images = images
             _converse(repl)
 

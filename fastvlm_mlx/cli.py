@@ -1,10 +1,12 @@
-"""What the command lines share: the common options, one set of sampling flags, the ranked run, image
-arguments, one-line warnings.
+"""What the command lines share: the common options, one set of sampling flags, the structured-output flags,
+the ranked run, image arguments, one-line warnings.
 
 Every command (generate, chat, batch, server) takes the sampling flags from ``sampling_options``, so their
 names and defaults are the same everywhere, and the defaults are those of ``engine.Sampling``, which the
-Python API uses too.  ``run_ranked`` is what a command that loads a model does, alone or as one rank of
-several: a new command is its options and the function its leader runs.
+Python API uses too; generate, chat and batch take ``--schema``/``--regex``/``--choices`` from
+``structured_options`` (compiled by ``structured``; the command puts the grammar in ``Sampling.constraint``).
+``run_ranked`` is what a command that loads a model does, alone or as one rank of several: a new command is
+its options and the function its leader runs.
 """
 
 import contextlib
@@ -31,6 +33,15 @@ SAMPLING_FLAGS = {
     "min_p": (("--min-p",), "Drop tokens less likely than min-p times the most likely one (0 keeps all)."),
     "repetition_penalty": (("--repetition-penalty",), "Penalize tokens of the last 20 (e.g. 1.1; off by default)."),
     "seed": (("--seed",), "Random seed, for the same samples on every run (temperature > 0)."),
+}
+# name -> (flags, help): the structured-output flags (at most one), compiled by structured_constraint
+STRUCTURED_FLAGS = {
+    "schema": (("--schema",), "JSON Schema file: every answer is compact JSON that matches it."),
+    "regex": (("--regex",), "Every answer matches this regular expression, whole (no look-around)."),
+    "choices": (
+        ("--choices",),
+        "Every answer is one of these comma-separated strings, e.g. yes,no (for a choice with a comma, --regex).",
+    ),
 }
 DTYPE_HELP = (
     "float32, float16 or bfloat16: what the model computes in (default: the checkpoint's own dtype on a "
@@ -84,19 +95,109 @@ def sampling_options(command):
         )
         for name, default in sampling_defaults().items()
     ]
+    return _with_options(command, "sampling", added, check_sampling)
+
+
+def structured_options(command):
+    """Give a typer command ``--schema``, ``--regex`` and ``--choices``; it receives ``constraint``, the
+    compiled ``structured.Constraint`` (None for free text), checked before the command's body runs, so a bad
+    schema fails before the model loads."""
+    added = [
+        inspect.Parameter(
+            name,
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=str | None,
+            default=_option(None, *STRUCTURED_FLAGS[name], metavar=metavar),
+        )
+        for name, metavar in zip(STRUCTURED_FLAGS, ("FILE", "PATTERN", "A,B,..."))
+    ]
+    return _with_options(command, "constraint", added, lambda values: structured_constraint(**values))
+
+
+def _with_options(command, keyword: str, added: list, combine: Callable[[dict], object]):
+    """``command`` with the options ``added`` to its signature (for typer), passed to it as one argument,
+    ``keyword``, made by ``combine`` from their values."""
     signature = inspect.signature(command)
-    own = [p for p in signature.parameters.values() if p.name != "sampling"]
+    own = [p for p in signature.parameters.values() if p.name != keyword]
+    names = [p.name for p in added]
 
     @functools.wraps(command)
-    def with_sampling(*args, **kwargs):
-        sampling = {name: kwargs.pop(name) for name in SAMPLING_FLAGS}
-        return command(*args, sampling=check_sampling(sampling), **kwargs)
+    def with_options(*args, **kwargs):
+        values = {name: kwargs.pop(name) for name in names}
+        return command(*args, **{keyword: combine(values)}, **kwargs)
 
-    with_sampling.__signature__ = signature.replace(
+    with_options.__signature__ = signature.replace(
         parameters=[p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + added
     )
-    with_sampling.__annotations__ = {**command.__annotations__, **{p.name: p.annotation for p in added}}
-    return with_sampling
+    with_options.__annotations__ = {**command.__annotations__, **{p.name: p.annotation for p in added}}
+    return with_options
+
+
+def structured_constraint(schema: str | None = None, regex: str | None = None, choices: str | None = None):
+    """The constraint ``--schema FILE``, ``--regex PATTERN`` or ``--choices a,b,c`` ask for (None when none
+    is given); more than one is refused."""
+    from .structured import from_regex
+
+    given = [
+        STRUCTURED_FLAGS[n][0][0] for n, v in dict(schema=schema, regex=regex, choices=choices).items() if v is not None
+    ]
+    if len(given) > 1:
+        raise FastVLMError(f"give one of --schema, --regex and --choices, not {' and '.join(given)}")
+    if schema is not None:
+        return schema_file(schema)
+    if regex is not None:
+        return _one_line(from_regex, regex)
+    if choices is not None:
+        return choices_list(choices)
+    return None
+
+
+def schema_file(path: str):
+    """The constraint of a JSON Schema file (``--schema``, chat's ``/schema``); errors name the file."""
+    from .structured import StructuredOutputError, from_schema
+
+    if not path.strip():
+        raise StructuredOutputError("--schema: give the path of a JSON Schema file")
+    path = os.path.expanduser(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise StructuredOutputError(f"{path}: no such JSON Schema file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise StructuredOutputError(f"{path}: cannot read the JSON Schema file ({getattr(e, 'strerror', e)})") from None
+    try:
+        return _one_line(from_schema, text)
+    except StructuredOutputError as e:
+        raise StructuredOutputError(f"{path}: {e}") from None
+
+
+def choices_list(value: str):
+    """The constraint of ``--choices``: comma-separated strings, blanks around each one ignored."""
+    from .structured import StructuredOutputError, from_choices
+
+    options = [option.strip() for option in value.split(",")]
+    if not all(options):
+        raise StructuredOutputError(f"--choices: an empty choice in {value!r} (give them as a,b,c)")
+    return _one_line(from_choices, options)
+
+
+def _one_line(compile_, value):
+    """llguidance's messages span lines (a caret under the error): a command line prints them as one."""
+    from .structured import StructuredOutputError
+
+    try:
+        return compile_(value)
+    except StructuredOutputError as e:
+        raise StructuredOutputError(" ".join(str(e).split())) from None
+
+
+def cut_short(constraint, max_tokens: int, generated_tokens: int) -> str:
+    """What to say of a structured answer that ended (``finish_reason`` "length") before it was complete."""
+    what = {"regex": "the regex", "choice": "one of the choices"}.get(constraint.kind, "the schema")
+    if generated_tokens < max_tokens:
+        return f"the answer reached the end of the model's context before it matched {what}"
+    return f"the answer reached --max-tokens ({max_tokens}) before it matched {what}"
 
 
 def model_option():
@@ -133,10 +234,10 @@ def connect_timeout_option():
     return typer.Option(DEFAULT_CONNECT_TIMEOUT, "--connect-timeout", help=CONNECT_HELP)
 
 
-def _option(default, flags, help_text):
+def _option(default, flags, help_text, **options):
     import typer
 
-    return typer.Option(default, *flags, help=help_text)
+    return typer.Option(default, *flags, help=help_text, **options)
 
 
 # ------------------------------------------------------------------------------------ ranked run

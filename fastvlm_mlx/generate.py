@@ -1,10 +1,13 @@
-"""``python -m fastvlm_mlx.generate``: ask FastVLM about one or more images, streaming the answer to stdout."""
+"""``python -m fastvlm_mlx.generate``: ask FastVLM about one or more images, streaming the answer to stdout.
+
+With ``--schema FILE``, ``--regex`` or ``--choices`` the answer matches it; one cut short by ``--max-tokens``
+is printed as far as it got, then an error (exit status 1), since it does not match."""
 
 import sys
 import types
 
 from .engine import GenerationResponse, stream_generate
-from .errors import exit_on_user_error
+from .errors import FastVLMError, exit_on_user_error
 from .processor import DEFAULT_SYSTEM
 
 
@@ -28,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         parallel_option,
         run_ranked,
         sampling_options,
+        structured_options,
         use_one_line_warnings,
     )
 
@@ -36,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     @app.command(help="Answer a prompt about an image (or a text-only prompt) with FastVLM.")
     @exit_on_user_error
+    @structured_options
     @sampling_options
     def run(
         prompt: str = typer.Option(..., "--prompt", "-p", help="What to ask."),
@@ -55,10 +60,13 @@ def main(argv: list[str] | None = None) -> int:
         parallel: str = parallel_option(),
         connect_timeout: float = connect_timeout_option(),
         sampling: dict = None,
+        constraint=None,
     ):
         images = [image_argument(i) for i in image or []]  # a bad image fails before the model loads
         run_ranked(
-            lambda engine: _answer(engine.model, engine.processor, prompt, images, system, verbose, sampling),
+            lambda engine: _answer(
+                engine.model, engine.processor, prompt, images, system, verbose, sampling, constraint
+            ),
             model_path,
             parallel,
             connect_timeout,
@@ -70,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _answer(model, processor, prompt, image, system, verbose, sampling) -> None:
+def _answer(model, processor, prompt, image, system, verbose, sampling, constraint=None) -> None:
+    from .cli import cut_short
+
     last = None
     for last in stream_generate(
         model,
@@ -78,6 +88,7 @@ def _answer(model, processor, prompt, image, system, verbose, sampling) -> None:
         prompt,
         image or None,
         system=system or None,
+        response_format=constraint,
         **sampling,
     ):
         sys.stdout.write(last.text)
@@ -86,6 +97,8 @@ def _answer(model, processor, prompt, image, system, verbose, sampling) -> None:
     sys.stdout.flush()
     if verbose and last is not None:
         print(_stats_line(last), file=sys.stderr)
+    if constraint is not None and last is not None and last.finish_reason == "length":
+        raise FastVLMError(cut_short(constraint, sampling["max_tokens"], last.generation_tokens))
 
 
 class _CommandAndFunction(types.ModuleType):
