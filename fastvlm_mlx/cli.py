@@ -146,7 +146,7 @@ def structured_constraint(schema: str | None = None, regex: str | None = None, c
     if schema is not None:
         return schema_file(schema)
     if regex is not None:
-        return _one_line(from_regex, regex)
+        return from_regex(regex)
     if choices is not None:
         return choices_list(choices)
     return None
@@ -167,7 +167,7 @@ def schema_file(path: str):
     except (OSError, UnicodeDecodeError) as e:
         raise StructuredOutputError(f"{path}: cannot read the JSON Schema file ({getattr(e, 'strerror', e)})") from None
     try:
-        return _one_line(from_schema, text)
+        return from_schema(text)
     except StructuredOutputError as e:
         raise StructuredOutputError(f"{path}: {e}") from None
 
@@ -179,17 +179,7 @@ def choices_list(value: str):
     options = [option.strip() for option in value.split(",")]
     if not all(options):
         raise StructuredOutputError(f"--choices: an empty choice in {value!r} (give them as a,b,c)")
-    return _one_line(from_choices, options)
-
-
-def _one_line(compile_, value):
-    """llguidance's messages span lines (a caret under the error): a command line prints them as one."""
-    from .structured import StructuredOutputError
-
-    try:
-        return compile_(value)
-    except StructuredOutputError as e:
-        raise StructuredOutputError(" ".join(str(e).split())) from None
+    return from_choices(options)
 
 
 def cut_short(constraint, max_tokens: int, generated_tokens: int) -> str:

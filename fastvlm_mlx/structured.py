@@ -12,6 +12,7 @@ every backend, the CPU included.
 """
 
 import json
+import re
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -73,8 +74,10 @@ class Constraint:
 def _compiled(kind: str, grammar: str, what: str, **fields) -> Constraint:
     """Check ``grammar`` now, so that an unsupported feature is refused before any generation."""
     is_error, messages = _llguidance().LLMatcher.validate_grammar_with_warnings(grammar)
-    if is_error:
-        raise StructuredOutputError(f"{what} cannot be used: {' '.join(messages).strip()}")
+    if is_error:  # llguidance's message spans lines (the source with a caret under the error): make it one
+        lines = [line.strip() for line in " ".join(messages).splitlines()]
+        reason = " ".join(line for line in lines if line and not re.match(r"^(\^|\d+ \|)", line))
+        raise StructuredOutputError(f"{what} cannot be used: {reason}")
     return Constraint(kind, grammar, **fields)
 
 
