@@ -3,9 +3,28 @@ engine messages and sampling parameters), the response, the stream chunk, usage,
 
 Nothing here touches the network, the files or the model: images are loaded by the ``load_image`` callback
 that ``engine_messages`` is given (``images.py`` supplies it).
+
+Structured output (``fastvlm_mlx.structured`` compiles it; the scheduler's decoder masks the logits):
+
+- ``response_format`` as OpenAI defines it: ``{"type": "text"}``, ``{"type": "json_object"}`` or
+  ``{"type": "json_schema", "json_schema": {"name", "schema", "strict", "description"}}``.  The JSON is compact.
+- ``structured_outputs``, this server's extension (the field and shape of vLLM's newer API), exactly one of
+  ``{"regex": "..."}`` (the whole answer matches it; Rust regex syntax), ``{"choice": ["yes", "no"]}``,
+  ``{"grammar": "start: ..."}`` (a Lark grammar, llguidance's dialect) or ``{"json": {...schema...}}``.
+  It cannot be combined with ``response_format``.  With the openai client: ``extra_body={"structured_outputs": ...}``.
+- ``tools`` (type ``function``) with ``tool_choice`` ``"required"`` or ``{"type": "function", "function":
+  {"name": ...}}``: the call's arguments are generated under the function's ``parameters`` schema (with several
+  tools and ``"required"``, under a grammar that picks one of them) and returned as ``tool_calls`` with
+  ``finish_reason`` ``"tool_calls"``; the tools are listed in the system message.  ``tool_choice`` ``"none"``
+  answers in plain text.  ``"auto"`` (the default with tools) is refused: the model cannot decide by itself
+  whether to call.  Tool results (role ``tool``) and assistant ``tool_calls`` in the history are refused.
+
+A schema, regex or grammar that cannot be compiled is a 400 naming the field, before the request is queued.
 """
 
+import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -25,6 +44,7 @@ from pydantic_core import PydanticCustomError
 SUPPORTED = {
     "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "stream",
     "stream_options", "logprobs", "top_logprobs", "top_k", "min_p", "repetition_penalty", "n", "user",
+    "response_format", "structured_outputs", "tools", "tool_choice", "parallel_tool_calls",
 }  # fmt: skip
 UNSUPPORTED = "unsupported_parameter"  # the error code of a refused field, as OpenAI names it
 
@@ -123,6 +143,18 @@ class Message(Strict):
     content: Content
     name: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_tool_turns(cls, value):
+        """Tool results cannot go back to the model: its conversation template has no place for them."""
+        if isinstance(value, dict) and (value.get("role") == "tool" or value.get("tool_calls") is not None):
+            what = 'tool results (role "tool")' if value.get("role") == "tool" else "tool_calls"
+            raise PydanticCustomError(
+                UNSUPPORTED, "{what} in the conversation are not supported (tool calls are generated, "
+                "not continued)", {"what": what},
+            )  # fmt: skip
+        return value
+
     @model_validator(mode="after")
     def _no_other_fields(self):
         extra = sorted(k for k, v in (self.model_extra or {}).items() if v is not None)
@@ -134,6 +166,144 @@ class Message(Strict):
 class StreamOptions(Strict):
     model_config = ConfigDict(extra="ignore")
     include_usage: bool = False
+
+
+# ------------------------------------------------------------------------------ structured output
+NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"  # a response format's or function's name, as OpenAI allows it
+
+
+class Closed(Strict):
+    """A nested object whose unknown keys are refused, so a misspelt option is never silently ignored."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class TextFormat(Closed):
+    type: Literal["text"]
+
+
+class JSONObjectFormat(Closed):
+    type: Literal["json_object"]
+
+
+class JSONSchemaSpec(Closed):
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str | None = None
+    schema_: dict = Field(alias="schema")
+    strict: bool | None = None  # the schema is always enforced
+
+
+class JSONSchemaFormat(Closed):
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaSpec
+
+
+def _format_kind(value) -> str | None:
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return {"text": "<text>", "json_object": "<json_object>", "json_schema": "<json_schema>"}.get(kind)
+
+
+ResponseFormat = Annotated[
+    Annotated[TextFormat, Tag("<text>")] | Annotated[JSONObjectFormat, Tag("<json_object>")]
+    | Annotated[JSONSchemaFormat, Tag("<json_schema>")],
+    Discriminator(_format_kind, custom_error_type="format_type",
+                  custom_error_message="the type is text, json_object or json_schema"),
+]  # fmt: skip
+
+
+class StructuredOutputs(Closed):
+    """The extension field: exactly one of a regex, a list of choices, a Lark grammar or a JSON schema."""
+
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_: dict | str | None = Field(None, alias="json")
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [k for k in ("regex", "choice", "grammar", "json_") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of regex, choice, grammar, json")
+        return self
+
+
+class FunctionDefinition(Closed):
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str | None = None
+    parameters: dict | None = None  # absent: a function without arguments
+    strict: bool | None = None  # the parameters' schema is always enforced
+
+
+class Tool(Closed):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(Closed):
+    name: str
+
+
+class NamedToolChoice(Closed):
+    type: Literal["function"]
+    function: FunctionName
+
+
+ToolChoice = Annotated[
+    Annotated[Literal["none", "auto", "required"], Tag("<mode>")] | Annotated[NamedToolChoice, Tag("<named>")],
+    Discriminator(lambda v: "<mode>" if isinstance(v, str) else "<named>", custom_error_type="tool_choice_type",
+                  custom_error_message='tool_choice is "none", "auto", "required" or a named function'),
+]  # fmt: skip
+NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
+
+
+@dataclass(frozen=True)
+class ToolCallShape:
+    """How a forced tool call is generated and read back: the arguments of ``function`` alone, or, when the
+    model picks one of ``names`` (``function`` None), ``{"name":"...","arguments":{...}}`` in that order."""
+
+    names: tuple[str, ...]
+    function: str | None = None
+
+    @staticmethod
+    def prefix(name: str) -> str:
+        return '{"name":' + json.dumps(name) + ',"arguments":'
+
+    def read(self, text: str, final: bool) -> tuple[str | None, str]:
+        """(the function's name, None until it is generated; the arguments' text so far).  Of a picked call, a
+        last "}" is held back until the answer is ``final``: it may close the wrapper rather than the arguments."""
+        if self.function is not None:
+            return self.function, text
+        for name in self.names:
+            if text.startswith(self.prefix(name)):
+                arguments = text[len(self.prefix(name)) :]
+                if arguments.endswith("}") and (not final or self.is_complete(text)):
+                    arguments = arguments[:-1]
+                return name, arguments
+        return None, ""
+
+    @staticmethod
+    def is_complete(text: str) -> bool:
+        try:
+            json.loads(text)
+        except ValueError:
+            return False
+        return True
+
+    def grammar(self, schemas: list[dict]) -> str:
+        """A Lark grammar for one call of any of the tools, each one's arguments under its own schema."""
+        rules = [" | ".join(f'{json.dumps(self.prefix(n))} args{i} "}}"' for i, n in enumerate(self.names))]
+        for i, schema in enumerate(schemas):  # compact JSON, as every other structured answer
+            schema = {**schema, "x-guidance": {**schema.get("x-guidance", {}), "whitespace_flexible": False}}
+            rules.append(f"args{i}: %json {json.dumps(schema)}")
+        return "start: " + "\n".join(rules) + "\n"
+
+
+def tools_system_text(tools: list[Tool]) -> str:
+    """The tools as the system message lists them, so that the model knows what it calls: names and descriptions
+    only (the parameters' schema is enforced while the arguments are generated, and would fill a small context)."""
+    lines = "".join(f"\n- {t.function.name}" + (f": {t.function.description}" if t.function.description else "")
+                    for t in tools)  # fmt: skip
+    return f"\n\n# Tools\n\nYou answer by calling one of these functions, with its arguments as JSON:{lines}"
 
 
 class ChatCompletionRequest(Strict):
@@ -157,6 +327,11 @@ class ChatCompletionRequest(Strict):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     n: int | None = None
     user: str | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    tools: list[Tool] | None = Field(None, min_length=1, max_length=128)
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # one call is generated, which either value allows
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -182,6 +357,63 @@ class ChatCompletionRequest(Strict):
             return cls.model_validate(body)
         except ValidationError as e:
             raise APIError.invalid(e) from None
+
+    def output(self) -> tuple[Any, ToolCallShape | None]:
+        """What the answer must match, compiled (``structured.Constraint``, None for free text), and for a forced
+        tool call how to read it back; an ``APIError`` (400) names the field that cannot be used."""
+        from ..structured import StructuredOutputError, constrain, from_lark, from_schema
+
+        def compiled(param: str, make, *args, **kwargs):
+            try:
+                return make(*args, **kwargs)
+            except StructuredOutputError as e:
+                message = str(e) if str(e).startswith(param) else f"{param}: {e}"
+                raise APIError(400, message, param, "invalid_" + param.split("[")[0].split(".")[0]) from None
+
+        fmt = self.response_format if not isinstance(self.response_format, TextFormat) else None
+        if fmt is not None and self.structured_outputs is not None:
+            raise APIError(400, "give response_format or structured_outputs, not both", "structured_outputs")
+        if self.tool_choice is not None and not self.tools:
+            raise APIError(400, "tool_choice is only allowed when tools are given", "tool_choice")
+        choice = self.tool_choice or "auto"
+        if self.tools and choice == "auto":
+            raise APIError(
+                400, 'tool_choice "auto" (the default with tools) is not supported: the model cannot decide by '
+                'itself whether to call a tool; set tool_choice to "required", to {"type": "function", "function": '
+                '{"name": ...}}, or to "none"', "tool_choice", UNSUPPORTED,
+            )  # fmt: skip
+        if not self.tools or choice == "none":
+            if isinstance(fmt, JSONSchemaFormat):
+                return compiled("response_format", from_schema, fmt.json_schema.schema_), None
+            if isinstance(fmt, JSONObjectFormat):
+                return compiled("response_format", from_schema, {"type": "object"}, kind="json_object"), None
+            so = self.structured_outputs
+            if so is None:
+                return None, None
+            given = dict(regex=so.regex, choices=so.choice, grammar=so.grammar, schema=so.json_)
+            return compiled("structured_outputs", constrain, **{k: v for k, v in given.items() if v is not None}), None
+        if fmt is not None or self.structured_outputs is not None:
+            field = "response_format" if fmt is not None else "structured_outputs"
+            raise APIError(400, f"{field} cannot be combined with a forced tool call: the answer is the call", field)
+        if self.logprobs:
+            raise APIError(400, "logprobs are not returned for tool calls", "logprobs", UNSUPPORTED)
+        names = tuple(t.function.name for t in self.tools)
+        if len(set(names)) < len(names):
+            raise APIError(400, "tools: each function needs a name of its own", "tools")
+        schemas = []
+        for i, tool in enumerate(self.tools):
+            schema = NO_ARGUMENTS if tool.function.parameters is None else tool.function.parameters
+            where = f"tools[{i}].function.parameters"
+            if schema.get("type", "object") != "object":
+                raise APIError(400, f"{where}: the arguments must be a JSON object (type object)", where)
+            schemas.append((compiled(where, from_schema, schema), schema))
+        if choice == "required" and len(names) > 1:
+            shape = ToolCallShape(names)
+            return compiled("tools", from_lark, shape.grammar([schema for _, schema in schemas])), shape
+        name = names[0] if choice == "required" else choice.function.name
+        if name not in names:
+            raise APIError(400, f"tool_choice: the function {name!r} is not one of the tools", "tool_choice")
+        return schemas[names.index(name)][0], ToolCallShape(names, name)
 
     def sampling_params(self, defaults: dict, max_tokens_limit: int) -> dict:
         """``engine.Sampling``'s fields: what the request gives, ``defaults`` for the rest, ``max_tokens`` capped."""
@@ -216,6 +448,19 @@ class ChatCompletionRequest(Strict):
                     )
             out.append({"role": role, "content": parts})
         return out
+
+    def with_tools_listed(self, messages: list[dict], default_system: str) -> list[dict]:
+        """``messages`` with the tools added to the system message (made from ``default_system`` if there is
+        none), where a tool call is forced."""
+        if not self.tools or self.tool_choice in (None, "none", "auto"):
+            return messages
+        text = tools_system_text(self.tools)
+        first = messages[0]
+        if first["role"] != "system":
+            return [{"role": "system", "content": default_system + text}, *messages]
+        if isinstance(first["content"], str):
+            return [{"role": "system", "content": first["content"] + text}, *messages[1:]]
+        return [{"role": "system", "content": [*first["content"], {"type": "text", "text": text}]}, *messages[1:]]
 
 
 # ---------------------------------------------------------------------------------------- response
@@ -253,12 +498,31 @@ class Usage(BaseModel):
         )
 
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _tool_calls_only_when_made(self, handler):
+        data = handler(self)
+        if self.tool_calls is None:
+            data.pop("tool_calls", None)
+        return data
 
 
 class Choice(BaseModel):
@@ -277,11 +541,34 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class OnlyWhatIsSet(BaseModel):
+    """A part of a chunk: fields not set are left out."""
+
+    @model_serializer(mode="wrap")
+    def _only_what_is_set(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class DeltaFunctionCall(OnlyWhatIsSet):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(OnlyWhatIsSet):
+    """A tool call's part in a chunk: the first gives id, type and name; the next ones more of the arguments."""
+
+    index: int = 0
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(BaseModel):
     """What a chunk adds to the answer; fields not set are left out of the chunk."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _only_what_is_set(self, handler):

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from ..errors import ContextLengthError, FastVLMError, lost_peer
 from .config import ServerConfig
 from .metrics import Metrics
-from .protocol import APIError, TokenLogprob, TopLogprob, Usage
+from .protocol import APIError, TokenLogprob, ToolCallShape, TopLogprob, Usage
 
 if TYPE_CHECKING:
     from ..batching import Admitted
@@ -35,6 +35,7 @@ class ParsedRequest:
     logprobs: bool = False
     top_logprobs: int = 0
     stop: list[str] = field(default_factory=list)
+    tool_call: ToolCallShape | None = None  # the answer is a forced tool call, read back this way
 
 
 # ------------------------------------------------------------------------------------------ events

@@ -18,7 +18,12 @@ from .protocol import (
     Choice,
     ChoiceLogprobs,
     ChunkChoice,
+    DeltaFunctionCall,
     DeltaMessage,
+    DeltaToolCall,
+    FunctionCall,
+    ToolCall,
+    ToolCallShape,
 )  # fmt: skip
 from .scheduler import Delta, Failed, Finished, Job, ParsedRequest, Scheduler
 
@@ -29,16 +34,55 @@ Disconnected = Callable[[], Awaitable[bool]]
 def parse_request(body, cfg: ServerConfig) -> ParsedRequest:
     """Check a chat-completions body and turn it into engine messages (images decoded) and sampling options."""
     from ..cli import sampling_defaults
+    from ..processor import DEFAULT_SYSTEM
     from .images import load_image_url
 
     request = ChatCompletionRequest.parse(body)
+    constraint, tool_call = request.output()  # compiled before any image is decoded: a bad schema costs little
     messages = request.engine_messages(lambda url, where: load_image_url(url, where, cfg))
+    messages = request.with_tools_listed(messages, DEFAULT_SYSTEM)
     sampling = request.sampling_params({**sampling_defaults(), **cfg.sampling}, cfg.max_tokens_limit)
+    sampling["constraint"] = constraint.grammar if constraint is not None else None  # the decoder masks the logits
     options = request.stream_options
     return ParsedRequest(
         messages, sampling, bool(request.stream), bool(options and options.include_usage), bool(request.logprobs),
-        request.top_logprobs or 0, request.stop or [],
+        request.top_logprobs or 0, request.stop or [], tool_call,
     )  # fmt: skip
+
+
+class ToolCallStream:
+    """A forced tool call's text, as it is generated, turned into what OpenAI sends: a call with its id, type and
+    name (as soon as the name is known), then the arguments' text piece by piece."""
+
+    def __init__(self, shape: ToolCallShape):
+        self.shape, self.id = shape, f"call_{uuid.uuid4().hex[:24]}"
+        self.text, self.name, self.sent = "", None, 0
+
+    def feed(self, text: str, final: bool = False) -> list[DeltaMessage]:
+        self.text += text
+        name, arguments = self.shape.read(self.text, final)
+        if name is None:
+            return []
+        deltas = []
+        if self.name is None:
+            self.name = name
+            call = DeltaToolCall(id=self.id, type="function", function=DeltaFunctionCall(name=name, arguments=""))
+            deltas.append(DeltaMessage(tool_calls=[call]))
+        if len(arguments) > self.sent:
+            piece, self.sent = arguments[self.sent :], len(arguments)
+            deltas.append(DeltaMessage(tool_calls=[DeltaToolCall(function=DeltaFunctionCall(arguments=piece))]))
+        return deltas
+
+    def finish_reason(self, reason: str) -> str:
+        """The finish: "tool_calls" for a call generated to its end; "length" (or "stop", by a stop string) if cut."""
+        return "tool_calls" if reason == "stop" and self.shape.is_complete(self.text) else reason
+
+    def answer(self, text: str, reason: str) -> tuple[AssistantMessage, str]:
+        """A whole answer as a message with its call (none if it was cut before the name), and its finish."""
+        self.text = text
+        name, arguments = self.shape.read(text, final=True)
+        calls = None if name is None else [ToolCall(id=self.id, function=FunctionCall(name=name, arguments=arguments))]
+        return AssistantMessage(content=None, tool_calls=calls), self.finish_reason(reason)
 
 
 class ChatService:
@@ -103,9 +147,12 @@ class ChatService:
             if isinstance(event, Finished):
                 break
         self._done(job)
+        message, reason = AssistantMessage(content="".join(text)), event.reason
+        if job.request.tool_call is not None:
+            message, reason = ToolCallStream(job.request.tool_call).answer(message.content, reason)
         choice = Choice(
-            message=AssistantMessage(content="".join(text)),
-            finish_reason=event.reason,
+            message=message,
+            finish_reason=reason,
             logprobs=ChoiceLogprobs(content=entries) if job.request.logprobs else None,
         )
         return ChatCompletionResponse(id=rid, created=created, model=self.model_id, choices=[choice], usage=event.usage)
@@ -116,8 +163,9 @@ class ChatService:
             body = ChatCompletionChunk(id=rid, created=created, model=self.model_id, choices=choices, usage=usage)
             return f"data: {body.model_dump_json()}\n\n"
 
+        tool = ToolCallStream(job.request.tool_call) if job.request.tool_call is not None else None
         try:
-            yield chunk(DeltaMessage(role="assistant", content=""))
+            yield chunk(DeltaMessage(role="assistant", content="" if tool is None else None))
             while True:
                 event = await self._next_event(job, disconnected, self.cfg.keepalive_s)
                 if event is None:
@@ -128,11 +176,19 @@ class ChatService:
                     self.metrics.count(event.error.status)
                     yield f"data: {json.dumps(event.error.body())}\n\n"
                     return
+                elif isinstance(event, Delta) and tool is not None:
+                    for delta in tool.feed(event.text):
+                        yield chunk(delta)
                 elif isinstance(event, Delta):
                     logprobs = ChoiceLogprobs(content=event.logprobs) if job.request.logprobs else None
                     yield chunk(DeltaMessage(content=event.text), logprobs=logprobs)
                 else:
-                    yield chunk(DeltaMessage(), finish=event.reason)
+                    reason = event.reason
+                    if tool is not None:
+                        for delta in tool.feed("", final=True):
+                            yield chunk(delta)
+                        reason = tool.finish_reason(reason)
+                    yield chunk(DeltaMessage(), finish=reason)
                     if job.request.include_usage:
                         yield chunk(usage=event.usage)
                     yield "data: [DONE]\n\n"
