@@ -71,13 +71,17 @@ class Constraint:
             raise StructuredOutputError(f"the answer is not complete JSON of the schema: {e}") from None
 
 
+def _one_line(message: str) -> str:
+    """llguidance's messages span lines (the grammar's source with a caret under the error): keep the words."""
+    lines = [line.strip() for line in message.splitlines()]
+    return " ".join(line for line in lines if line and not re.match(r"^(\^|\d+ \|)", line))
+
+
 def _compiled(kind: str, grammar: str, what: str, **fields) -> Constraint:
     """Check ``grammar`` now, so that an unsupported feature is refused before any generation."""
     is_error, messages = _llguidance().LLMatcher.validate_grammar_with_warnings(grammar)
-    if is_error:  # llguidance's message spans lines (the source with a caret under the error): make it one
-        lines = [line.strip() for line in " ".join(messages).splitlines()]
-        reason = " ".join(line for line in lines if line and not re.match(r"^(\^|\d+ \|)", line))
-        raise StructuredOutputError(f"{what} cannot be used: {reason}")
+    if is_error:
+        raise StructuredOutputError(f"{what} cannot be used: {_one_line(' '.join(messages))}")
     return Constraint(kind, grammar, **fields)
 
 
@@ -212,7 +216,7 @@ class GrammarMask:
 
     def _check(self) -> None:
         if self.matcher.is_error():
-            raise StructuredOutputError(f"structured output failed: {self.matcher.get_error()}")
+            raise StructuredOutputError(f"structured output failed: {_one_line(self.matcher.get_error())}")
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
         if self._started:

@@ -347,3 +347,12 @@ def test_bad_schemas_and_grammars_are_400_and_the_server_goes_on(server, client)
         ask(client, response_format=json_schema({"not": {}}), max_tokens=2)
     assert "not" in caught.value.message and caught.value.param == "response_format"
     assert ask(client, max_tokens=2).choices[0].finish_reason == "length"
+    # a grammar that compiles but names a token this vocabulary lacks fails when admitted, alone
+    for stream in (False, True):
+        bad = dict(good, structured_outputs={"grammar": "start: <[99999]>"}, stream=stream)
+        response = post(server, bad)
+        if stream:
+            assert "99999" in response.text and '"error"' in response.text
+        else:
+            assert_error(response, 400, "99999")
+        assert post(server, good).status_code == 200

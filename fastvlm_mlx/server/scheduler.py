@@ -195,6 +195,7 @@ class Scheduler:
 
     def _admit(self, batch: list[Job]) -> None:
         from ..engine import Sampling
+        from ..structured import GrammarMask, StructuredOutputError
 
         ready = []
         self.admitting = batch
@@ -203,9 +204,14 @@ class Scheduler:
                 continue
             try:
                 prompt = self.engine.prepare(job.request.messages)  # the default system message unless one is given
-                ready.append((job, prompt, Sampling(**job.request.sampling)))
+                sampling = Sampling(**job.request.sampling)
+                if sampling.constraint:  # a grammar this vocabulary cannot serve fails here, alone, not in the batch
+                    GrammarMask(self.engine.processor.tokenizer, sampling.constraint)
+                ready.append((job, prompt, sampling))
             except ContextLengthError as e:
                 self._send(job, Failed(APIError(400, str(e), "messages", "context_length_exceeded")))
+            except StructuredOutputError as e:
+                self._send(job, Failed(APIError(400, str(e))))
             except FastVLMError as e:
                 self._send(job, Failed(APIError(400, str(e), "messages")))
         if ready:
