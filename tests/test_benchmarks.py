@@ -136,3 +136,21 @@ def test_server_memory_smoke_run_stays_flat_after_warm_up():
         "mlx_cache_memory_bytes",
     }
     assert all(v["flat"] for v in summary.values()), summary
+
+
+def test_structured_smoke_run_reports_constrained_and_free_rates():
+    proc = run_cli("benchmarks.structured", "--smoke", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    header, rows = lines[0], [line for line in lines[1:] if "mode" in line]
+    assert header["benchmark"] == "fastvlm-structured" and header["vocabulary"] > 0
+    assert [(r["batch"], r["mode"], r["path"]) for r in rows] == [
+        (1, "free", "Engine.stream"),
+        (1, "constrained", "Engine.stream"),
+        (2, "free", "BatchDecoder"),
+        (2, "constrained", "BatchDecoder"),
+    ]
+    assert all(sum(r["tokens"]) > 1 and r["decode_tps"]["min"] > 0 for r in rows), rows
+    ratios = {line["batch"]: line["constrained_over_free"] for line in lines if "constrained_over_free" in line}
+    assert set(ratios) == {1, 2} and all(x > 0 for x in ratios.values())
+    assert "schema/free" in proc.stderr
