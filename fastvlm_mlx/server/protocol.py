@@ -137,8 +137,21 @@ Content = Annotated[
 ]  # fmt: skip
 
 
-class Message(Strict):
+class Closed(Strict):
+    """An object whose unknown fields are refused by name, so a misspelt option is never silently ignored (null
+    ones are let through, as OpenAI does)."""
+
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="after")
+    def _no_other_fields(self):
+        extra = sorted(k for k, v in (self.model_extra or {}).items() if v is not None)
+        if extra:
+            raise PydanticCustomError(UNSUPPORTED, "unsupported field(s) {fields}", {"fields": ", ".join(extra)})
+        return self
+
+
+class Message(Closed):
     role: Literal["system", "user", "assistant", "developer"]
     content: Content
     name: str | None = None
@@ -155,13 +168,6 @@ class Message(Strict):
             )  # fmt: skip
         return value
 
-    @model_validator(mode="after")
-    def _no_other_fields(self):
-        extra = sorted(k for k, v in (self.model_extra or {}).items() if v is not None)
-        if extra:
-            raise PydanticCustomError(UNSUPPORTED, "unsupported field(s) {fields}", {"fields": ", ".join(extra)})
-        return self
-
 
 class StreamOptions(Strict):
     model_config = ConfigDict(extra="ignore")
@@ -170,12 +176,6 @@ class StreamOptions(Strict):
 
 # ------------------------------------------------------------------------------ structured output
 NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"  # a response format's or function's name, as OpenAI allows it
-
-
-class Closed(Strict):
-    """A nested object whose unknown keys are refused, so a misspelt option is never silently ignored."""
-
-    model_config = ConfigDict(strict=True, extra="forbid")
 
 
 class TextFormat(Closed):

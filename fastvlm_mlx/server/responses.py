@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 from pydantic_core import PydanticCustomError
 
 from .config import ServerConfig
-from .protocol import UNSUPPORTED, APIError, Strict, Usage
+from .protocol import UNSUPPORTED, APIError, Closed, Strict, Usage
 from .scheduler import Delta, Failed, Finished, Job, ParsedRequest
 from .serving import KEEPALIVE, ChatService, Disconnected
 
@@ -31,19 +31,6 @@ STATELESS = {"previous_response_id", "conversation"}  # refused with a message s
 
 
 # ---------------------------------------------------------------------------------------- request
-class Closed(Strict):
-    """An object whose unknown fields are refused by name (null ones are let through, as OpenAI does)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    @model_validator(mode="after")
-    def _no_other_fields(self):
-        extra = sorted(k for k, v in (self.model_extra or {}).items() if v is not None)
-        if extra:
-            raise PydanticCustomError(UNSUPPORTED, "unsupported field(s) {fields}", {"fields": ", ".join(extra)})
-        return self
-
-
 class InputText(Closed):
     type: Literal["input_text"]
     text: str
