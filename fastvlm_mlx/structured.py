@@ -219,6 +219,8 @@ class GrammarMask:
             raise StructuredOutputError(f"structured output failed: {_one_line(self.matcher.get_error())}")
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        # the forward pass does not need the mask: start it now, and compute the mask on the CPU meanwhile
+        mx.async_eval(logits)
         if self._started:
             self.matcher.consume_token(tokens[-1].item())
             self._check()
