@@ -137,10 +137,11 @@ def test_server_request_defaults_come_from_sampling():
     from fastvlm_mlx.server import ServerConfig, parse_request
 
     body = {"messages": [{"role": "user", "content": "hi"}]}
-    assert parse_request(body, ServerConfig(model="m")).sampling == sampling_defaults()
+    free = dict(constraint=None)  # no response_format: no grammar
+    assert parse_request(body, ServerConfig(model="m")).sampling == dict(sampling_defaults(), **free)
     cfg = ServerConfig(model="m", max_tokens_limit=100, sampling=dict(sampling_defaults(), temperature=0.5, seed=3))
     got = parse_request(dict(body, max_tokens=1000, top_k=5), cfg).sampling
-    assert got == dict(sampling_defaults(), temperature=0.5, seed=3, top_k=5, max_tokens=100)
+    assert got == dict(sampling_defaults(), temperature=0.5, seed=3, top_k=5, max_tokens=100, **free)
 
 
 # -------------------------------------------------------------------------- the context's end
