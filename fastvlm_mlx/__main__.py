@@ -9,6 +9,7 @@ COMMANDS = {
     "chat": ("fastvlm_mlx.chat", "talk about images in the terminal, keeping the conversation"),
     "server": ("fastvlm_mlx.server", "serve the OpenAI chat-completions and Responses APIs"),
     "batch": ("fastvlm_mlx.batch", "caption or question a whole image collection into a JSONL file, resumably"),
+    "lora": ("fastvlm_mlx.lora", "fine-tune with LoRA, DoRA or full fine-tuning on images with Q&A (mlx-lm's tuner)"),
     "convert": ("fastvlm_mlx.convert", "convert Apple, transformers or mlx-vlm checkpoints (and export CoreML)"),
 }
 
