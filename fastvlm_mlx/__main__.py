@@ -10,6 +10,7 @@ COMMANDS = {
     "server": ("fastvlm_mlx.server", "serve the OpenAI chat-completions and Responses APIs"),
     "batch": ("fastvlm_mlx.batch", "caption or question a whole image collection into a JSONL file, resumably"),
     "convert": ("fastvlm_mlx.convert", "convert Apple, transformers or mlx-vlm checkpoints (and export CoreML)"),
+    "fuse": ("fastvlm_mlx.fuse", "fold fine-tuned adapters into a model and save it (or as Apple's app folder)"),
 }
 
 
