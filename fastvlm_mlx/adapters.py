@@ -155,12 +155,10 @@ def _placed(model, adapters: Adapters) -> list[tuple[str, mx.array]]:
             f"{adapters.path / WEIGHTS_FILE}: does not fit this model ({'; '.join(problems)}); "
             "were the adapters made for another model or with other settings?"
         )
-    placed = []
+    placed = []  # tuned weights take the dtype the model computes in; LoRA and DoRA keep their own, as in mlx-lm
     for name, value in adapters.weights.items():
         if name.rsplit(".", 1)[-1] not in ADAPTER_LEAVES and mx.issubdtype(value.dtype, mx.floating):
-            value = value.astype(
-                compute or value.dtype
-            )  # tuned weights compute as the model does; LoRA keeps its own, as in mlx-lm
+            value = value.astype(compute or value.dtype)
         placed.append((name, value))
     return placed
 
@@ -171,7 +169,9 @@ def adapter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _base(layer: nn.Module) -> nn.Module | None:
-    return getattr(layer, "linear", None) or getattr(layer, "embedding", None)
+    """The layer a LoRA or DoRA layer adapts (mlx-lm names it ``linear`` or ``embedding``)."""
+    base = getattr(layer, "linear", None)
+    return base if base is not None else getattr(layer, "embedding", None)
 
 
 def fuse_adapters(model: nn.Module, dequantize: bool = False, keep_quantized: bool = False) -> int:

@@ -249,6 +249,19 @@ def test_ranked_runs_take_adapter_path(lora, loaded_lora, tmp_path):
         assert out0 == expected + "\n" and out1 == "", mode
 
 
+def test_tensor_parallel_refuses_lora_over_a_quantized_base(tmp_path):
+    """mlx-lm cannot split a LoRA layer over ranks, and fusing into 4-bit weights would round the update."""
+    from test_distributed import Ranks
+
+    make_adapters(tmp_path / "q", base=BASE_4BIT, seed=7)
+    cmd = ["-m", "fastvlm_mlx.generate", "-m", str(BASE_4BIT), "--adapter-path", str(tmp_path / "q")]
+    with Ranks(tmp_path, [*cmd, "-p", QUESTION, "--parallel", "tensor"]) as ranks:
+        results = ranks.wait()
+    for code, _, err in results:
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 1 and len(lines) == 1 and "cannot split LoRA layers over a quantized model" in lines[0], err
+
+
 # ------------------------------------------------------------------------------------------- fuse
 def test_fuse_writes_a_model_with_the_same_logits(lora, tmp_path, reference):
     folder, made, processor = lora
