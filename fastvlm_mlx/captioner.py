@@ -31,7 +31,8 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 
 
 def list_inputs(source: str, prompt: str | None) -> list[dict]:
-    """The work items of ``--input``, each ``{"id", "image", "prompt"}``, in a stable order."""
+    """The work items of ``--input`` (a folder, one image, a JSONL file, a text file of paths or a glob), each
+    ``{"id", "image", "prompt"}``, in a stable order."""
     path = Path(source)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
@@ -48,8 +49,13 @@ def list_inputs(source: str, prompt: str | None) -> list[dict]:
             if not isinstance(row, dict) or not isinstance(row.get("image"), str):
                 raise FastVLMError(f"{path}:{n}: each row needs an 'image' path")
             items.append({"id": str(row.get("id", row["image"])), "image": row["image"], "prompt": row.get("prompt")})
+    elif path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:  # one image
+        items = [{"id": str(path), "image": str(path)}]
     elif path.is_file():
-        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        try:
+            lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError:
+            raise FastVLMError(f"{path}: not a text file of image paths (nor an image, JSONL file or folder)") from None
         items = [{"id": line, "image": line} for line in lines]
     elif any(c in source for c in "*?["):
         items = [{"id": p, "image": p} for p in sorted(glob.glob(source, recursive=True)) if os.path.isfile(p)]
@@ -205,6 +211,7 @@ def _caption_all(
     retry_errors=False,
     dtype=None,
     constraint=None,
+    adapter_path=None,
 ) -> int:
     """The whole run of one process, or of one data-parallel rank (``cluster``): list the inputs, skip
     those already answered, caption the rest, summarize; returns the exit status."""
@@ -226,7 +233,7 @@ def _caption_all(
     counts = [0, 0, len(mine) - len(todo)]  # answered, failed, already done
     start = time.perf_counter()
     if todo:
-        model, processor = loaded or load(model_path, dtype=dtype)
+        model, processor = loaded or load(model_path, dtype=dtype, adapter_path=adapter_path)
         start = time.perf_counter()  # images/s is for captioning, not for loading the model
         target.parent.mkdir(parents=True, exist_ok=True)
         quiet = cluster is not None and not cluster.leader  # one progress bar: rank 0's share
@@ -327,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import distributed
     from .cli import (
+        adapter_path_option,
         connect_timeout_option,
         dtype_option,
         model_option,
@@ -350,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     def run(
         model_path: str = model_option(),
         dtype: str | None = dtype_option(),
+        adapter_path: str | None = adapter_path_option(),
         source: str = typer.Option(..., "--input", "-i", help="Directory, glob, text file of paths, or JSONL file."),
         output: Path = typer.Option(..., "--output", "-o", help="JSONL file the records are appended to."),
         prompt: str = typer.Option(
@@ -372,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
             raise FastVLMError(f"--batch-size must be at least 1 (got {batch_size})")
         if output.is_dir():
             raise FastVLMError(f"{output}: is a directory; --output names the JSONL file to write")
-        options = dict(retry_errors=retry_errors, dtype=dtype, constraint=constraint)
+        options = dict(retry_errors=retry_errors, dtype=dtype, constraint=constraint, adapter_path=adapter_path)
         cluster = distributed.start(parallel, connect_timeout, allowed=("data",) + distributed.MODEL_PARALLEL)
         if cluster is None or not cluster.splits_model:  # alone, or a data-parallel rank: the model loads if needed
             status["code"] = _caption_all(
@@ -384,7 +393,12 @@ def main(argv: list[str] | None = None) -> int:
             loaded = (engine.model, engine.processor)
             return _caption_all(model_path, source, output, prompt, sampling, batch_size, loaded, **options)
 
-        status["code"] = run_ranked(lead, model_path, parallel, connect_timeout, cluster=cluster, dtype=dtype) or 0
+        status["code"] = (
+            run_ranked(
+                lead, model_path, parallel, connect_timeout, cluster=cluster, dtype=dtype, adapter_path=adapter_path
+            )
+            or 0
+        )
 
     try:
         stopped = app(args=argv, standalone_mode=False)  # typer gives 130 for a Ctrl-C it caught
