@@ -10,6 +10,7 @@ COMMANDS = {
     "server": ("fastvlm_mlx.server", "serve the OpenAI chat-completions and Responses APIs"),
     "batch": ("fastvlm_mlx.batch", "caption or question a whole image collection into a JSONL file, resumably"),
     "convert": ("fastvlm_mlx.convert", "convert Apple, transformers or mlx-vlm checkpoints (and export CoreML)"),
+    "eval": ("fastvlm_mlx.eval", "answer a JSONL file of questions about images and score them (VQA, ANLS, ...)"),
 }
 
 
