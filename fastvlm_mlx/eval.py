@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             None, "--image-folder", help="Where relative image paths start (default: the data file's folder)."
         ),
         output: Path | None = typer.Option(
-            None, "--output", "-o", help="Predictions JSONL to write (default: DATA's name + .predictions.jsonl)."
+            None, "--output", "-o", help="Predictions JSONL to write (default: DATA's name + .predictions.jsonl, here)."
         ),
         summary_path: Path | None = typer.Option(
             None, "--summary", help="Summary JSON to write (default: the predictions' name + .summary.json)."
