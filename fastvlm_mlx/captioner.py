@@ -122,7 +122,8 @@ def _decode_ahead(items: list[dict], out: "queue.Queue", stop: threading.Event) 
 def caption(engine, items: list[dict], sampling: dict, batch_size: int, write, constraint=None) -> None:
     """Answer every item with batched decoding; ``write(record)`` is called as each one finishes.  Under a
     ``constraint`` (``structured.Constraint``) each answer matches it, and its sequence gets the grammar through
-    ``Sampling.constraint``."""
+    ``Sampling.constraint``.  A record's ``ttft_ms`` runs from its admission (image encode and prefill, with those
+    of the items admitted beside it) to its first token."""
     from .engine import Sampling
 
     decoder = engine.decoder(max_batch=batch_size)
@@ -161,22 +162,26 @@ def caption(engine, items: list[dict], sampling: dict, batch_size: int, write, c
                     write({"id": item["id"], "image": item["image"], "prompt": item["prompt"], "error": error})
             if ready:
                 options = Sampling(**sampling, constraint=constraint.grammar if constraint else None)
+                admitted_at = time.perf_counter()
                 for (item, _), admitted in zip(ready, decoder.admit([(p, options) for _, p in ready])):
-                    running[admitted.uid] = (item, admitted, [])
+                    running[admitted.uid] = (item, admitted, [], [admitted_at])
             for t in decoder.step():
-                item, admitted, text = running[t.uid]
+                item, admitted, text, times = running[t.uid]
+                if not text:
+                    times.append(time.perf_counter())
                 text.append(t.text)
                 if t.error is not None:  # its logits overflowed: an error record, retried by --retry-errors
                     del running[t.uid]
                     write({"id": item["id"], "image": item["image"], "prompt": item["prompt"], "error": t.error})
                 elif t.finish_reason is not None:
                     del running[t.uid]
-                    write(_record(item, admitted, t, "".join(text), constraint, sampling["max_tokens"]))
+                    ttft_ms = (times[1] - times[0]) * 1e3
+                    write(_record(item, admitted, t, "".join(text), constraint, sampling["max_tokens"], ttft_ms))
     finally:
         stop.set()
 
 
-def _record(item: dict, admitted, last, text: str, constraint, max_tokens: int) -> dict:
+def _record(item: dict, admitted, last, text: str, constraint, max_tokens: int, ttft_ms: float | None = None) -> dict:
     """The record of a finished answer; under a constraint, with its value (``json``, for a schema), or an
     error record when it ended before it matched."""
     from .cli import cut_short
@@ -191,6 +196,8 @@ def _record(item: dict, admitted, last, text: str, constraint, max_tokens: int) 
         prompt_tokens=admitted.prompt_tokens,
         generation_tokens=last.generation_tokens,
     )
+    if ttft_ms is not None:
+        record["ttft_ms"] = round(ttft_ms, 3)
     if constraint is not None and constraint.is_json:
         try:
             record["json"] = constraint.parse(text, last.finish_reason)
