@@ -191,6 +191,13 @@ def test_bad_lines_stop_before_training(tmp_path, capsys):
     assert "error: 4 bad line(s)" in err
     assert not (tmp_path / "adapters" / "adapters.safetensors").exists()
 
+    with pytest.raises(SystemExit) as finished:
+        lora.main(argv + ["--skip-bad-lines"])
+    assert finished.value.code == 0
+    err = capsys.readouterr().err
+    assert all(f"skipped {train}:{line}: " in err for line in (2, 3, 4, 5))
+    assert "Valid reward accuracy" in err and (tmp_path / "adapters" / "adapters.safetensors").exists()
+
     with pytest.raises(SystemExit) as refused:
         lora.main(argv + ["--beta", "0"])
     assert refused.value.code == 1 and "--beta must be above 0" in capsys.readouterr().err
