@@ -238,10 +238,12 @@ def load_splits(
     *,
     skip_bad_lines: bool = False,
     report=print,
+    reader=read_split,
     **options,
 ) -> dict[str, list[Example]]:
-    """The named splits of a data folder.  Every bad line is reported (``report``); unless ``skip_bad_lines``,
-    any bad line stops the run here, before training."""
+    """The named splits of a data folder, each file read by ``reader`` (``read_split``, or preference pairs').
+    Every bad line is reported (``report``); unless ``skip_bad_lines``, any bad line stops the run here, before
+    training."""
     folder = Path(data).expanduser()
     if not folder.is_dir():
         raise FastVLMError(f"{data}: no such data folder (it holds train.jsonl, valid.jsonl, test.jsonl)")
@@ -250,7 +252,7 @@ def load_splits(
         path = folder / f"{name}.jsonl"
         if not path.is_file():
             raise FastVLMError(f"{path}: no such file (the {name} split is needed)")
-        splits[name], bad = read_split(path, processor, image_tokens, **options)
+        splits[name], bad = reader(path, processor, image_tokens, **options)
         problems += bad
         if not splits[name] and not bad:
             raise FastVLMError(f"{path}: no examples")
