@@ -12,7 +12,6 @@ starts from the base weights.  A batch holds each pair's chosen sequence, then e
 and their reference log-probabilities, so mlx-lm's ``train``/``evaluate`` run DPO with the SFT trainer's batches.
 """
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import mlx.nn as nn
 
 from ..errors import FastVLMError
 from ..processor import FastVLMProcessor
-from .data import Example, ImageResolver, llava_messages, openai_messages, tokenize
+from .data import Example, ImageResolver, llava_messages, openai_messages, read_lines, tokenize
 from .trainer import Batches, image_embeddings, splice
 
 
@@ -91,41 +90,19 @@ def read_preference_split(
     max_seq_length: int = 2048,
     **_,
 ) -> tuple[list[PreferencePair], list[str]]:
-    """Every line of one JSONL file as a PreferencePair; returns (pairs, problems), one ``FILE:LINE: problem``
-    per line that could not be used (``data.read_split``'s contract, for ``load_splits``)."""
-    resolve = ImageResolver(path, image_folder)
-    pairs, problems = [], []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise FastVLMError(f"{path}: cannot read the data file ({getattr(e, 'strerror', None) or e})") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise FastVLMError(f"not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise FastVLMError("a line must be a JSON object")
-            chosen, rejected = _answer(record, "chosen"), _answer(record, "rejected")
-            messages = prompt_messages(record, resolve)
-            pair = PreferencePair(
-                answer_example(messages, chosen, processor, where),
-                answer_example(messages, rejected, processor, where),
-                where,
-            )
-            length = pair.positions(image_tokens)
-            if length > max_seq_length:
-                raise FastVLMError(
-                    f"the example is {length} positions (images included), over --max-seq-length {max_seq_length}"
-                )
-            pairs.append(pair)
-        except FastVLMError as e:
-            problems.append(f"{where}: {e}")
-    return pairs, problems
+    """Every line of one JSONL file as a PreferencePair; returns (pairs, problems) as ``data.read_lines`` does
+    (``data.read_split``'s contract, for ``load_splits``)."""
+
+    def parse(record: dict, resolve, where: str) -> PreferencePair:
+        chosen, rejected = _answer(record, "chosen"), _answer(record, "rejected")
+        messages = prompt_messages(record, resolve)
+        return PreferencePair(
+            answer_example(messages, chosen, processor, where),
+            answer_example(messages, rejected, processor, where),
+            where,
+        )
+
+    return read_lines(path, image_folder, image_tokens, max_seq_length, parse)
 
 
 class PreferenceBatches(Batches):
