@@ -100,15 +100,21 @@ def run_trainer(system: str, cmd: list, log: Path, timeout: float) -> dict:
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     segments = []
 
-    def read():
+    def read():  # the log is written as the trainer goes, to follow a long run
         buf = b""
-        while chunk := proc.stdout.read1(65536):
-            buf += chunk
-            *done, buf = re.split(rb"[\r\n]", buf)
-            now = time.perf_counter() - t0
-            segments.extend((now, ANSI.sub("", s.decode(errors="replace"))) for s in done if s.strip())
-        if buf.strip():
-            segments.append((time.perf_counter() - t0, ANSI.sub("", buf.decode(errors="replace"))))
+        with open(log, "w") as out:
+            while chunk := proc.stdout.read1(65536):
+                buf += chunk
+                *done, buf = re.split(rb"[\r\n]", buf)
+                now = time.perf_counter() - t0
+                for s in done:
+                    if s.strip():
+                        segments.append((now, ANSI.sub("", s.decode(errors="replace"))))
+                        out.write(f"{now:9.2f} {segments[-1][1]}\n")
+                out.flush()
+            if buf.strip():
+                segments.append((time.perf_counter() - t0, ANSI.sub("", buf.decode(errors="replace"))))
+                out.write(f"{segments[-1][0]:9.2f} {segments[-1][1]}\n")
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
@@ -119,7 +125,6 @@ def run_trainer(system: str, cmd: list, log: Path, timeout: float) -> dict:
     wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     reader.join(30)
-    log.write_text("".join(f"{t:9.2f} {s}\n" for t, s in segments))
     rec = {"system": system, "returncode": proc.returncode, "wall_s": round(wall, 1)}
     rec["rss_peak_gb"] = round(usage.ru_maxrss * 1024 / 1e9, 3)  # Linux: KiB
     start = next((t for t, s in segments if START_MARKS[system] in s), None)
