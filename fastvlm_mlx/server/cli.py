@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         prompt_cache_mb: int = typer.Option(
             d.prompt_cache_bytes // MB, "--prompt-cache-mb", help="Prompt (KV) cache bound."
         ),
+        ui: bool = typer.Option(d.ui, "--ui/--no-ui", help="Serve the web page (chat and live camera) at /."),
+        open_page: bool = typer.Option(False, "--open", help="Open the web page in the browser once serving."),
         parallel: str = parallel_option(),
         connect_timeout: float = connect_timeout_option(),
         sampling: dict | None = None,
@@ -121,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
             image_cache_bytes=image_cache_mb * MB,
             prompt_cache_bytes=prompt_cache_mb * MB,
             sampling=sampling,
+            ui=ui,
         )
+        if open_page and not ui:
+            raise FastVLMError("--open needs the web page: drop --no-ui")
         try:
             import uvicorn
 
@@ -137,12 +142,19 @@ def main(argv: list[str] | None = None) -> int:
             service = create_app(model, processor, cfg, model_path)
             bound = sock.getsockname()
             url = f"http://{host}:{bound[1]}/v1"
+            page = f"http://{host}:{bound[1]}/"
 
             class Announcing(uvicorn.Server):
                 async def startup(self, sockets=None):
                     await super().startup(sockets=sockets)
                     if self.started:  # the app is up and the socket accepts requests
                         print(f"fastvlm-mlx serving {model_path} on {url}", file=sys.stderr, flush=True)
+                        if ui:
+                            print(f"web page: {page}", file=sys.stderr, flush=True)
+                        if open_page:
+                            import webbrowser
+
+                            webbrowser.open(page)
 
             server = Announcing(uvicorn.Config(service, log_level="warning"))
             try:

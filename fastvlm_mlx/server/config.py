@@ -25,3 +25,4 @@ class ServerConfig:
     prompt_cache_bytes: int = 1024 * MB
     keepalive_s: float = 5.0
     remote_timeout_s: float = 10.0
+    ui: bool = True  # the web page at / (static files in server/static/)

@@ -5,10 +5,12 @@ OpenAI error bodies, the API key check and the scheduler's start and stop. Route
 import asyncio
 import contextlib
 import json
+from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import responses
@@ -17,6 +19,8 @@ from .protocol import APIError, ChatCompletionResponse
 from .serving import ChatService
 
 router = APIRouter()
+STATIC = Path(__file__).parent / "static"  # the web page: plain files, no build step, nothing from elsewhere
+OPEN_PATHS = ("/", "/health")  # reachable without the API key; so is everything under /ui/ (the page asks for it)
 
 
 def service_of(request: Request) -> ChatService:
@@ -111,7 +115,8 @@ def create_app(model, processor, cfg: ServerConfig, model_id: str) -> FastAPI:
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
-        if cfg.api_key and request.url.path != "/health":
+        path = request.url.path
+        if cfg.api_key and path not in OPEN_PATHS and not (cfg.ui and path.startswith("/ui/")):
             if request.headers.get("authorization", "") != f"Bearer {cfg.api_key}":
                 return error_response(
                     APIError(401, "invalid or missing API key", None, "invalid_api_key", "authentication_error")
@@ -119,4 +124,11 @@ def create_app(model, processor, cfg: ServerConfig, model_id: str) -> FastAPI:
         return await call_next(request)
 
     app.include_router(router)
+    if cfg.ui:
+
+        @app.get("/", include_in_schema=False)
+        async def page():
+            return FileResponse(STATIC / "index.html")
+
+        app.mount("/ui", StaticFiles(directory=STATIC), name="ui")
     return app

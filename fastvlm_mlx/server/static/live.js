@@ -1,0 +1,4 @@
+// The live view (to be written).
+export function init(section, model) {}
+export function show() {}
+export function hide() {}
