@@ -1,0 +1,29 @@
+"""A real browser for the web page's tests: the distribution's Chromium (apt-get install chromium; .ci/run does),
+driven by Playwright through ``executable_path``, since Playwright's own browser download cannot be had here."""
+
+import shutil
+
+import pytest
+
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="the page tests need Playwright (pip install -e '.[test]')"
+)
+
+
+def chromium_path() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.skip("the page tests need Chromium from the distribution (apt-get install chromium)")
+
+
+@pytest.fixture(scope="module")
+def playwright():
+    with sync_api.sync_playwright() as pw:
+        yield pw
+
+
+def launch(playwright, *args: str):
+    """Headless Chromium with extra command-line switches (a fake camera, say); the caller closes it."""
+    return playwright.chromium.launch(executable_path=chromium_path(), headless=True, args=list(args))
