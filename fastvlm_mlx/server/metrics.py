@@ -13,6 +13,7 @@ class Metrics:
     def __init__(self):
         self.lock = threading.Lock()
         self.requests = {}
+        self.cancelled_requests = 0  # ended by the client (it went away, or pressed stop) before their answer
         self.tokens = {"prompt": 0, "cached": 0, "generated": 0}
         self.hist = {
             "ttft_seconds": ([0] * (len(TTFT_BUCKETS) + 1), [0.0], TTFT_BUCKETS),
@@ -22,6 +23,10 @@ class Metrics:
     def count(self, status: int) -> None:
         with self.lock:
             self.requests[status] = self.requests.get(status, 0) + 1
+
+    def cancelled(self) -> None:
+        with self.lock:
+            self.cancelled_requests += 1
 
     def observe(self, name: str, value: float) -> None:
         with self.lock:
@@ -39,6 +44,8 @@ class Metrics:
         with self.lock:
             lines = ["# TYPE fastvlm_requests_total counter"]
             lines += [f'fastvlm_requests_total{{status="{s}"}} {n}' for s, n in sorted(self.requests.items())]
+            lines += ["# TYPE fastvlm_requests_cancelled_total counter",
+                      f"fastvlm_requests_cancelled_total {self.cancelled_requests}"]  # fmt: skip
             for kind, n in self.tokens.items():
                 lines += [f"# TYPE fastvlm_{kind}_tokens_total counter", f"fastvlm_{kind}_tokens_total {n}"]
             for name, (counts, total, buckets) in self.hist.items():

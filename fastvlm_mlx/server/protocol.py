@@ -498,6 +498,20 @@ class Usage(BaseModel):
         )
 
 
+class Timings(BaseModel):
+    """Where an answer's time went, as llama.cpp's server reports it beside the OpenAI fields (an extension that
+    clients ignore): ``ttft_ms`` from the request's receipt to the first token (image decoding, queueing, the
+    image encode and the prefill), ``vision_ms`` the image encode (0 when every image came from the cache),
+    ``prompt_ms`` the prefill, ``tokens_per_second`` the decode rate after the first token, ``cached_tokens``
+    the prompt tokens taken from the prompt cache."""
+
+    ttft_ms: float
+    vision_ms: float
+    prompt_ms: float
+    tokens_per_second: float
+    cached_tokens: int
+
+
 FinishReason = Literal["stop", "length", "tool_calls"]
 
 
@@ -539,6 +553,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[Choice]
     usage: Usage
+    timings: Timings | None = None  # this server's extension, as llama.cpp's
 
 
 class OnlyWhatIsSet(BaseModel):
@@ -589,10 +604,12 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None  # only in the last chunk, when stream_options.include_usage asks for it
+    timings: Timings | None = None  # with the usage (this server's extension, as llama.cpp's)
 
     @model_serializer(mode="wrap")
     def _usage_only_when_given(self, handler):
         data = handler(self)
-        if self.usage is None:
-            data.pop("usage", None)
+        for name in ("usage", "timings"):
+            if data.get(name) is None:
+                data.pop(name, None)
         return data

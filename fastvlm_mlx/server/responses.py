@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 from pydantic_core import PydanticCustomError
 
 from .config import ServerConfig
-from .protocol import UNSUPPORTED, APIError, Closed, Strict, Usage
+from .protocol import UNSUPPORTED, APIError, Closed, Strict, Timings, Usage
 from .scheduler import Delta, Failed, Finished, Job, ParsedRequest
 from .serving import KEEPALIVE, ChatService, Disconnected
 
@@ -312,6 +312,7 @@ class ResponseObject(BaseModel):
     model: str
     output: list[OutputMessage] = []
     usage: ResponseUsage | None = None
+    timings: Timings | None = None  # once generated: this server's extension, as in chat completions
     error: ResponseError | None = None
     incomplete_details: IncompleteDetails | None = None
     instructions: str | None = None
@@ -374,17 +375,22 @@ def finished(shell: ResponseObject, message_id: str, text: str, event: Finished)
             status="incomplete" if cut else "completed",
             output=[message],
             usage=ResponseUsage.of(event.usage),
+            timings=event.timings,
             incomplete_details=IncompleteDetails(reason="max_output_tokens") if cut else None,
         )
     )
 
 
-async def create(service: ChatService, body, disconnected: Disconnected) -> ResponseObject | AsyncIterator[str]:
-    """A response object, or for ``stream`` an iterator of server-sent events; ``APIError`` for a bad request."""
+async def create(
+    service: ChatService, body, disconnected: Disconnected, received: float | None = None
+) -> ResponseObject | AsyncIterator[str]:
+    """A response object, or for ``stream`` an iterator of server-sent events; ``APIError`` for a bad request.
+    ``received`` (``time.perf_counter()``) is when the request came in: its TTFT counts from there."""
+    received = time.perf_counter() if received is None else received
     if not service.alive:
         raise APIError(503, "the generation loop stopped", kind="server_error")
     parsed, shell = await asyncio.to_thread(parse_request, body, service.cfg, service.model_id)  # images off the loop
-    job = Job(parsed, asyncio.get_running_loop(), asyncio.Queue())
+    job = Job(parsed, asyncio.get_running_loop(), asyncio.Queue(), created=received)
     service.scheduler.submit(job)
     if parsed.stream:
         return _stream(service, job, disconnected, shell)

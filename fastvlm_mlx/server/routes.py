@@ -5,6 +5,7 @@ OpenAI error bodies, the API key check and the scheduler's start and stop. Route
 import asyncio
 import contextlib
 import json
+import time
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
@@ -61,9 +62,10 @@ async def json_body(request: Request, limit: int):
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request):
+    received = time.perf_counter()
     service = service_of(request)
     body = await json_body(request, service.cfg.max_body_bytes)
-    result = await service.create(body, request.is_disconnected)
+    result = await service.create(body, request.is_disconnected, received)
     if isinstance(result, ChatCompletionResponse):
         return JSONResponse(result.model_dump())
     return StreamingResponse(result, media_type="text/event-stream")
@@ -71,9 +73,10 @@ async def chat_completions(request: Request):
 
 @router.post("/v1/responses")
 async def create_response(request: Request):
+    received = time.perf_counter()
     service = service_of(request)
     body = await json_body(request, service.cfg.max_body_bytes)
-    result = await responses.create(service, body, request.is_disconnected)
+    result = await responses.create(service, body, request.is_disconnected, received)
     if isinstance(result, responses.ResponseObject):
         return JSONResponse(result.model_dump())
     return StreamingResponse(result, media_type="text/event-stream")

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from ..errors import ContextLengthError, FastVLMError, lost_peer
 from .config import ServerConfig
 from .metrics import Metrics
-from .protocol import APIError, TokenLogprob, ToolCallShape, TopLogprob, Usage
+from .protocol import APIError, Timings, TokenLogprob, ToolCallShape, TopLogprob, Usage
 
 if TYPE_CHECKING:
     from ..batching import Admitted
@@ -51,6 +51,7 @@ class Delta:
 class Finished:
     reason: str  # "stop" or "length"
     usage: Usage
+    timings: Timings | None = None
 
 
 @dataclass
@@ -69,7 +70,7 @@ class Job:
     request: ParsedRequest
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
-    created: float = field(default_factory=time.perf_counter)
+    created: float = field(default_factory=time.perf_counter)  # when the server received the request
     cancelled: bool = False  # set by the event loop when the client goes away
 
 
@@ -79,8 +80,10 @@ class RequestState:
 
     job: Job
     admitted: "Admitted"
+    prompt_ms: float = 0.0  # the prefill of the admission it came in with
     text: str = ""
     sent: int = 0
+    steps: int = 0  # decode steps so far (an end-of-turn token included)
     first_token_at: float | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
 
@@ -201,6 +204,7 @@ class Scheduler:
         self.admitting = batch
         for job in batch:
             if job.cancelled:
+                self.metrics.cancelled()
                 continue
             try:
                 prompt = self.engine.prepare(job.request.messages)  # the default system message unless one is given
@@ -215,8 +219,11 @@ class Scheduler:
             except FastVLMError as e:
                 self._send(job, Failed(APIError(400, str(e), "messages")))
         if ready:
-            for (job, _, _), admitted in zip(ready, self.decoder.admit([(p, s) for _, p, s in ready])):
-                self.running[admitted.uid] = RequestState(job, admitted)
+            start = time.perf_counter()
+            admitted = self.decoder.admit([(p, s) for _, p, s in ready])
+            admit_ms = (time.perf_counter() - start) * 1e3
+            for (job, _, _), a in zip(ready, admitted):
+                self.running[a.uid] = RequestState(job, a, prompt_ms=max(admit_ms - a.vision_ms, 0.0))
         self.admitting = []
 
     def _reap_cancelled(self) -> None:
@@ -225,7 +232,9 @@ class Scheduler:
             if job.cancelled or time.perf_counter() - job.created > self.cfg.request_timeout:
                 self.decoder.cancel(uid)
                 self.running.pop(uid)
-                if not job.cancelled:
+                if job.cancelled:
+                    self.metrics.cancelled()
+                else:
                     self._send(job, Failed(APIError(504, "the request timed out", None, "timeout", "server_error")))
 
     def _deliver(self, t) -> None:
@@ -237,6 +246,7 @@ class Scheduler:
             self.running.pop(t.uid)
             self._send(job, Failed(APIError(500, t.error, None, "non_finite_logits", "server_error")))
             return
+        state.steps += 1
         if state.first_token_at is None:
             state.first_token_at = time.perf_counter()
             self.metrics.observe("ttft_seconds", state.first_token_at - job.created)
@@ -256,7 +266,19 @@ class Scheduler:
         a = state.admitted
         self.metrics.add_tokens(a.prompt_tokens, a.cached_tokens, t.generation_tokens)
         reason = "stop" if stopped or t.finish_reason != "length" else "length"
-        self._send(job, Finished(reason, Usage.of(a.prompt_tokens, a.cached_tokens, t.generation_tokens)))
+        usage = Usage.of(a.prompt_tokens, a.cached_tokens, t.generation_tokens)
+        self._send(job, Finished(reason, usage, self._timings(state)))
+
+    @staticmethod
+    def _timings(state: RequestState) -> Timings:
+        decoding = time.perf_counter() - state.first_token_at
+        return Timings(
+            ttft_ms=round((state.first_token_at - state.job.created) * 1e3, 3),
+            vision_ms=round(state.admitted.vision_ms, 3),
+            prompt_ms=round(state.prompt_ms, 3),
+            tokens_per_second=round((state.steps - 1) / decoding, 3) if state.steps > 1 and decoding > 0 else 0.0,
+            cached_tokens=state.admitted.cached_tokens,
+        )
 
     def _logprob_entry(self, t, top: int) -> TokenLogprob:
         import mlx.core as mx

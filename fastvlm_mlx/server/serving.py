@@ -103,12 +103,16 @@ class ChatService:
     def render_metrics(self) -> str:
         return self.metrics.render({**self.scheduler.gauges(), **memory_gauges()})
 
-    async def create(self, body, disconnected: Disconnected) -> ChatCompletionResponse | AsyncIterator[str]:
-        """A response, or for ``stream`` an iterator of server-sent-event lines; ``APIError`` for a bad request."""
+    async def create(
+        self, body, disconnected: Disconnected, received: float | None = None
+    ) -> ChatCompletionResponse | AsyncIterator[str]:
+        """A response, or for ``stream`` an iterator of server-sent-event lines; ``APIError`` for a bad request.
+        ``received`` (``time.perf_counter()``) is when the request came in: its TTFT counts from there."""
+        received = time.perf_counter() if received is None else received
         if not self.alive:
             raise APIError(503, "the generation loop stopped", kind="server_error")
         parsed = await asyncio.to_thread(parse_request, body, self.cfg)  # images are decoded off the event loop
-        job = Job(parsed, asyncio.get_running_loop(), asyncio.Queue())
+        job = Job(parsed, asyncio.get_running_loop(), asyncio.Queue(), created=received)
         self.scheduler.submit(job)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if parsed.stream:
@@ -155,12 +159,16 @@ class ChatService:
             finish_reason=reason,
             logprobs=ChoiceLogprobs(content=entries) if job.request.logprobs else None,
         )
-        return ChatCompletionResponse(id=rid, created=created, model=self.model_id, choices=[choice], usage=event.usage)
+        return ChatCompletionResponse(
+            id=rid, created=created, model=self.model_id, choices=[choice], usage=event.usage, timings=event.timings
+        )
 
     async def _stream(self, job: Job, disconnected: Disconnected, rid: str, created: int) -> AsyncIterator[str]:
-        def chunk(delta: DeltaMessage | None = None, finish=None, logprobs=None, usage=None) -> str:
+        def chunk(delta: DeltaMessage | None = None, finish=None, logprobs=None, usage=None, timings=None) -> str:
             choices = [] if delta is None else [ChunkChoice(delta=delta, finish_reason=finish, logprobs=logprobs)]
-            body = ChatCompletionChunk(id=rid, created=created, model=self.model_id, choices=choices, usage=usage)
+            body = ChatCompletionChunk(
+                id=rid, created=created, model=self.model_id, choices=choices, usage=usage, timings=timings
+            )
             return f"data: {body.model_dump_json()}\n\n"
 
         tool = ToolCallStream(job.request.tool_call) if job.request.tool_call is not None else None
@@ -190,7 +198,7 @@ class ChatService:
                         reason = tool.finish_reason(reason)
                     yield chunk(DeltaMessage(), finish=reason)
                     if job.request.include_usage:
-                        yield chunk(usage=event.usage)
+                        yield chunk(usage=event.usage, timings=event.timings)
                     yield "data: [DONE]\n\n"
                     self._done(job)
                     return
