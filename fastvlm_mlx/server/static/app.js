@@ -21,17 +21,25 @@ function choose(mode) {
   }
 }
 
+/** A model's id as shown: a local path by its folder's name, a hub id as it is. */
+function shortName(id) {
+  return /^([A-Za-z]:)?[\\/.~]/.test(id) ? id.split(/[\\/]/).filter(Boolean).pop() : id;
+}
+
 /** The model's id, which every request names; a 401 asks for the key (once) and sends nothing more. */
 async function connect() {
   const form = document.getElementById("key-form");
   try {
     const models = await request("/v1/models");
     form.hidden = true;
-    showStatus(`Model: ${models.data[0].id}`);
+    showStatus(`Model: ${shortName(models.data[0].id)}`);
+    status.title = models.data[0].id;
     return models.data[0].id;
   } catch (e) {
     form.hidden = false;
-    showStatus(e.status === 401 ? (apiKey() ? `Error: ${e.message}` : "This server needs an API key.") : `Error: ${e.message}`);
+    const first = e.status === 401 && !apiKey(); // no key given yet: a request, not an error
+    showStatus(first ? "This server needs an API key." : `Error: ${e.message}`);
+    document.getElementById("api-key").focus();
     return null;
   }
 }
