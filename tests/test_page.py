@@ -307,6 +307,12 @@ def test_a_wrong_key_shows_once_and_sends_nothing_more(browser):
             settings(page, max_tokens="4")
             ask(page, "Hello there.")
             assert page.locator(".turn.error").count() == 0
+            page.evaluate("sessionStorage.setItem('fastvlm.apiKey', 'revoked')")  # the key stops working mid-chat
+            page.fill("#chat-input", "Hello again.")
+            page.click("button.send")
+            page.wait_for_selector(".turn.error")
+            assert page.locator(".turn.error").inner_text() == "Error: invalid or missing API key"
+            assert page.is_visible("#api-key") and page.locator(".turn.assistant").count() == 1
         finally:
             page.context.close()
     finally:
