@@ -195,7 +195,10 @@ def _answer_frames(engine, video, every, prompt, sampling, batch_size, constrain
         except FastVLMError as e:  # ends the input; raised once the frames before it are answered
             failed.append(e)
 
-    out = open(output, "w", encoding="utf-8") if output else sys.stdout
+    try:
+        out = open(os.path.expanduser(output), "w", encoding="utf-8") if output else sys.stdout
+    except OSError as e:
+        raise FastVLMError(f"{output}: cannot write the answers ({e.strerror or e})") from None
     cues = SubtitleWriter(out, output_format)
     finished, errors = {}, []
 

@@ -8,12 +8,10 @@ import base64
 import io
 import json
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import FIXTURES, ROOT, assert_clean_error
+from conftest import FIXTURES, assert_clean_error, run_cli
 
 av = pytest.importorskip("av", reason="video files need PyAV: pip install -e '.[video]' (CI installs it)")
 
@@ -242,36 +240,23 @@ def test_subtitle_text_is_escaped():
 
 
 # ----------------------------------------------------------------------------------------------------- bad files
-def test_a_text_file_named_mp4_is_one_clear_line_from_the_command(bad_files):
-    proc = subprocess.run(
-        [sys.executable, "-m", "fastvlm_mlx.generate", "--model", MODEL, "--video", str(bad_files["text"]), "-p", "x"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-    )
-    assert_clean_error(proc, "error: ", str(bad_files["text"]), "not a video")
-    assert proc.returncode == 1
-
-
 @pytest.mark.parametrize(
     "kind, words",
     [
-        ("text", ["not a video"]),
-        ("corrupt", ["corrupt or truncated at"]),
+        ("text", ["not a video (the file holds text)"]),
+        ("corrupt", ["the video is corrupt or truncated at"]),
         ("truncated", ["not a video, or a corrupt or truncated one"]),
-        ("truncated frames", ["truncated: its frames stop at"]),
+        ("truncated frames", ["the video is truncated: its frames stop at"]),
     ],
 )
-def test_bad_video_files_are_one_clear_line(bad_files, local, capsys, kind, words):
+def test_bad_video_files_are_one_clear_line(bad_files, local, kind, words):
+    """From the command (a process of its own, so that anything FFmpeg writes to stderr would show) and the API."""
     path = bad_files[kind]
-    code, out, err = run_generate(capsys, "--video", path, "--frames", 4, "--prompt", PROMPT)
-    assert code == 1 and out == ""
-    assert err.startswith(f"error: {path}: ") and err.count("\n") == 1, err
-    for word in words:
-        assert word in err
+    proc = run_cli("fastvlm_mlx.generate", "--model", MODEL, "--video", str(path), "--frames", "4", "-p", PROMPT)
+    assert_clean_error(proc, f"error: {path}: ", *words)
+    assert proc.returncode == 1 and proc.stdout == ""
     model, processor = local
-    with pytest.raises(FastVLMError, match=re.escape(str(path))):
+    with pytest.raises(FastVLMError, match=re.escape(f"{path}: {words[0]}")):
         generate(model, processor, PROMPT, video=path, frames=4)
 
 
@@ -353,3 +338,26 @@ def test_the_server_takes_video_url_parts(server, clip, local, bad_files):
         error = failed.value.response.json()["error"]
         assert failed.value.status_code == status and error["code"] == code, error
         assert words in error["message"] and error["message"].startswith("messages[0].content[1]"), error
+
+
+def test_the_responses_api_takes_input_video_parts(server, clip, local, bad_files):
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
+    model, processor = local
+
+    def ask(path, **sampling):
+        data = "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()
+        part = {"type": "input_video", "video_url": data, **sampling}
+        content = [{"type": "input_text", "text": PROMPT}, part]
+        return client.responses.create(
+            model="m", input=[{"role": "user", "content": content}], max_output_tokens=6, temperature=0
+        )
+
+    expected = generate(model, processor, PROMPT, video=clip, frames=3, max_tokens=6)
+    assert ask(clip, frames=3).output_text == expected
+    with pytest.raises(openai.BadRequestError) as failed:
+        ask(bad_files["text"])
+    error = failed.value.response.json()["error"]
+    assert error["param"] == "input" and error["code"] == "invalid_video", error
+    assert error["message"].startswith("input[0].content[1]: not a video"), error

@@ -128,14 +128,16 @@ def _allowed_file(url: str, where: str, cfg: ServerConfig, what: str) -> Path:
     return target
 
 
-def load_video_url(video_url, where: str, cfg: ServerConfig, max_frames: int | None = None) -> list[dict]:
-    """A ``video_url`` part (a data URL within the body limit, or a file under ``--allowed-image-dir``) -> its
-    frames' image parts, then a text part of their times (``fastvlm_mlx.video``).  Frames face the image pixel
-    limit; more frames than ``max_frames`` (what the model's context could hold) are refused before decoding."""
+def load_video_url(
+    url: str, where: str, cfg: ServerConfig, frames: int | None = None, fps: float | None = None, max_frames=None
+) -> list[dict]:
+    """A video's URL (a data URL within the body limit, or a file under ``--allowed-image-dir``) -> its sampled
+    frames' image parts (``frames`` evenly spread, 8 by default, or ``fps`` a second), then a text part of their
+    times (``fastvlm_mlx.video``).  Frames face the image pixel limit; more frames than ``max_frames`` (what the
+    model's context could hold) are refused before any is decoded."""
     from ..errors import FastVLMError
     from ..video import read_video, video_parts
 
-    url = video_url.url
     if url.startswith("data:"):
         header, _, payload = url.partition(",")
         if not header.endswith(";base64") or not payload:
@@ -160,8 +162,8 @@ def load_video_url(video_url, where: str, cfg: ServerConfig, max_frames: int | N
             )
 
     try:
-        info, frames = read_video(source, video_url.frames, video_url.fps, cfg.max_image_pixels, refuse_over)
-        return video_parts(frames, info.duration)
+        info, picked = read_video(source, frames, fps, cfg.max_image_pixels, refuse_over)
+        return video_parts(picked, info.duration)
     except FastVLMError as e:
         message = str(e).removeprefix("video bytes: ")
         raise APIError(400, f"{where}: {message}", "messages", "invalid_video") from None

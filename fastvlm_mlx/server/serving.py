@@ -42,7 +42,7 @@ def parse_request(body, cfg: ServerConfig, max_frames: int | None = None) -> Par
     constraint, tool_call = request.output()  # compiled before any image is decoded: a bad schema costs little
     messages = request.engine_messages(
         lambda url, where: load_image_url(url, where, cfg),
-        lambda video_url, where: load_video_url(video_url, where, cfg, max_frames),
+        lambda part, where: load_video_url(part.url, where, cfg, part.frames, part.fps, max_frames),
     )
     messages = request.with_tools_listed(messages, DEFAULT_SYSTEM)
     sampling = request.sampling_params({**sampling_defaults(), **cfg.sampling}, cfg.max_tokens_limit)
