@@ -147,6 +147,14 @@ def test_fps_samples_from_the_start_and_the_api_matches_the_command(clip, local,
     assert seen["prompts"][0] == seen["prompts"][1]
 
 
+def test_each_time_takes_the_frame_shown_nearest_it(clip):
+    """Frames every 0.1 s, the colour changing each second: the frame before a time is taken when it is nearer."""
+    frames = list(video_module.iter_frames(clip, [0.94, 1.04, 1.96, 2.94, 9.0]))
+    assert [f.time for f in frames] == pytest.approx([0.9, 1.0, 2.0, 2.9, 3.9])
+    for frame, colour in zip(frames, [COLOURS[0], COLOURS[1], COLOURS[2], COLOURS[2], COLOURS[3]]):
+        assert_colour(np.asarray(frame.image) / 255.0, colour)
+
+
 def test_frames_that_cannot_fit_the_context_are_refused_before_decoding(clip, local, capsys, monkeypatch):
     model, processor = local  # a context of 512 positions, 16 per frame
     code, _, err = run_generate(capsys, "--video", clip, "--frames", 40, "--prompt", PROMPT)
