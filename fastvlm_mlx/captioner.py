@@ -2,18 +2,19 @@
 
     python -m fastvlm_mlx.batch --model M --input photos/ --output captions.jsonl --prompt "Describe the image."
 
-``--input`` is a directory (searched recursively for image files, sorted), a glob, a text file with one
-path per line, or a JSONL file of ``{"id": ..., "image": PATH, "prompt": ...}`` rows (``prompt`` falls
-back to ``--prompt``).  Images are decoded ahead of the model on a background thread, encoded
-``--batch-size`` at a time in one vision-tower call, and decoded together (``batching.BatchDecoder``,
-the server's batching).  Each finished input appends one JSON line to ``--output`` and flushes it; a
-re-run skips the ids already there (a torn last line is dropped first), so a run stopped at any point
-resumes where it was.  With ``--schema FILE`` (a JSON Schema), ``--regex`` or ``--choices`` every answer
-matches it; under ``--schema`` the record also holds the decoded answer under ``json``.  A missing, corrupt or
-oversized image, or a structured answer cut short by ``--max-tokens``, becomes an ``error`` record and the run
-goes on; ``--retry-errors`` tries the inputs with an error record again (their old records are dropped
-first, in one atomic rewrite of the file).  Exit status: 0 when every input has a record without
-error, 1 otherwise, 130 when stopped by Ctrl-C (what was done is kept: run again to resume).
+``--input`` is a directory (searched recursively for image files, sorted), a glob, a text file with one path per
+line, or a JSONL file of ``{"id": ..., "image": PATH, "prompt": ...}`` rows (``prompt`` falls back to
+``--prompt``); a row may name a ``"video"`` file instead, whose frames (``"frames": N``, 8 by default, or ``"fps":
+F``) go into its prompt with their times (``fastvlm_mlx.video``).  Images (and videos) are decoded ahead of the
+model on a background thread, encoded ``--batch-size`` at a time in one vision-tower call, and decoded together
+(``batching.BatchDecoder``, the server's batching).  Each finished input appends one JSON line to ``--output`` and
+flushes it; a re-run skips the ids already there (a torn last line is dropped first), so a run stopped at any point
+resumes where it was.  With ``--schema FILE`` (a JSON Schema), ``--regex`` or ``--choices`` every answer matches
+it; under ``--schema`` the record also holds the decoded answer under ``json``.  A missing, corrupt or oversized
+image, or a structured answer cut short by ``--max-tokens``, becomes an ``error`` record and the run goes on;
+``--retry-errors`` tries the inputs with an error record again (their old records are dropped first, in one atomic
+rewrite of the file).  Exit status: 0 when every input has a record without error, 1 otherwise, 130 when stopped by
+Ctrl-C (what was done is kept: run again to resume).
 """
 
 import glob
@@ -46,9 +47,7 @@ def list_inputs(source: str, prompt: str | None) -> list[dict]:
                 row = json.loads(line)
             except ValueError:
                 raise FastVLMError(f"{path}:{n}: not valid JSON") from None
-            if not isinstance(row, dict) or not isinstance(row.get("image"), str):
-                raise FastVLMError(f"{path}:{n}: each row needs an 'image' path")
-            items.append({"id": str(row.get("id", row["image"])), "image": row["image"], "prompt": row.get("prompt")})
+            items.append(_jsonl_item(row, f"{path}:{n}"))
     elif path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:  # one image
         items = [{"id": str(path), "image": str(path)}]
     elif path.is_file():
@@ -70,6 +69,28 @@ def list_inputs(source: str, prompt: str | None) -> list[dict]:
         if not item["prompt"]:
             raise FastVLMError(f"{source}: no prompt for {item['id']!r} (pass --prompt)")
     return items
+
+
+def _jsonl_item(row, where: str) -> dict:
+    """A JSONL row as a work item: an image, or a video with how to sample it."""
+    if isinstance(row, dict) and isinstance(row.get("video"), str) and "image" not in row:
+        for key, kind in (("frames", int), ("fps", (int, float))):
+            value = row.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, kind) or value <= 0):
+                raise FastVLMError(f"{where}: '{key}' must be a number above 0")
+        if row.get("frames") is not None and row.get("fps") is not None:
+            raise FastVLMError(f"{where}: give 'frames' or 'fps', not both")
+        item = {"id": str(row.get("id", row["video"])), "video": row["video"], "prompt": row.get("prompt")}
+        item.update((key, row[key]) for key in ("frames", "fps") if row.get(key) is not None)
+        return item
+    if not isinstance(row, dict) or not isinstance(row.get("image"), str):
+        raise FastVLMError(f"{where}: each row needs an 'image' path (or a 'video' path)")
+    return {"id": str(row.get("id", row["image"])), "image": row["image"], "prompt": row.get("prompt")}
+
+
+def source_of(item: dict) -> dict:
+    """What a record says of its input: the image, or the video and how it was sampled."""
+    return {key: item[key] for key in ("image", "video", "frames", "fps") if key in item}
 
 
 def read_records(data: bytes):
@@ -105,15 +126,25 @@ def done_ids(output: Path, retry_errors: bool = False) -> dict:
     return done
 
 
-def _decode_ahead(items: list[dict], out: "queue.Queue", stop: threading.Event) -> None:
-    """Decode image files on a background thread (PIL releases the GIL), ahead of the model."""
+def _decode_ahead(items: list[dict], out: "queue.Queue", stop: threading.Event, engine) -> None:
+    """Decode image and video files on a background thread (PIL and PyAV release the GIL), ahead of the model;
+    each item becomes its user message."""
     from .image import load_image
+    from .video import video_turn
 
     for item in items:
         if stop.is_set():
             return
         try:
-            out.put((item, load_image(item["image"]), None))
+            if "video" in item:
+                message = video_turn(item["prompt"], item["video"], item.get("frames"), item.get("fps"), engine)
+            else:
+                parts = [
+                    {"type": "image", "image": load_image(item["image"])},
+                    {"type": "text", "text": item["prompt"]},
+                ]
+                message = {"role": "user", "content": parts}
+            out.put((item, message, None))
         except FastVLMError as e:
             out.put((item, None, str(e)))
     out.put(None)
@@ -129,7 +160,7 @@ def caption(engine, items: list[dict], sampling: dict, batch_size: int, write, c
     decoder = engine.decoder(max_batch=batch_size)
     decoded: queue.Queue = queue.Queue(maxsize=4 * batch_size)
     stop = threading.Event()
-    reader = threading.Thread(target=_decode_ahead, args=(items, decoded, stop), daemon=True)
+    reader = threading.Thread(target=_decode_ahead, args=(items, decoded, stop, engine), daemon=True)
     reader.start()
     running, exhausted = {}, False
     try:
@@ -143,23 +174,14 @@ def caption(engine, items: list[dict], sampling: dict, batch_size: int, write, c
                 if entry is None:
                     exhausted = True
                     break
-                item, image, error = entry
+                item, message, error = entry
                 if error is None:
                     try:
-                        messages = [
-                            {
-                                "role": "user",
-                                "content": [
-                                    {"type": "image", "image": image},
-                                    {"type": "text", "text": item["prompt"]},
-                                ],
-                            }
-                        ]
-                        ready.append((item, engine.prepare(messages)))
+                        ready.append((item, engine.prepare([message])))
                     except FastVLMError as e:
                         error = str(e)
                 if error is not None:
-                    write({"id": item["id"], "image": item["image"], "prompt": item["prompt"], "error": error})
+                    write({"id": item["id"], **source_of(item), "prompt": item["prompt"], "error": error})
             if ready:
                 options = Sampling(**sampling, constraint=constraint.grammar if constraint else None)
                 admitted_at = time.perf_counter()
@@ -172,7 +194,7 @@ def caption(engine, items: list[dict], sampling: dict, batch_size: int, write, c
                 text.append(t.text)
                 if t.error is not None:  # its logits overflowed: an error record, retried by --retry-errors
                     del running[t.uid]
-                    write({"id": item["id"], "image": item["image"], "prompt": item["prompt"], "error": t.error})
+                    write({"id": item["id"], **source_of(item), "prompt": item["prompt"], "error": t.error})
                 elif t.finish_reason is not None:
                     del running[t.uid]
                     ttft_ms = (times[1] - times[0]) * 1e3
@@ -187,7 +209,7 @@ def _record(item: dict, admitted, last, text: str, constraint, max_tokens: int, 
     from .cli import cut_short
     from .structured import StructuredOutputError
 
-    record = {"id": item["id"], "image": item["image"], "prompt": item["prompt"]}
+    record = {"id": item["id"], **source_of(item), "prompt": item["prompt"]}
     if constraint is not None and last.finish_reason == "length":
         return {**record, "error": cut_short(constraint, max_tokens, last.generation_tokens)}
     record.update(

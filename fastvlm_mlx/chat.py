@@ -1,7 +1,8 @@
 """``python -m fastvlm_mlx.chat``: chat with FastVLM about images in the terminal (or from a script).
 
 Each answer streams to stdout.  Commands: ``/image PATH`` attaches an image (a file or an http(s) URL) to
-the next message, ``/schema FILE`` makes the following answers JSON that matches the JSON Schema in FILE
+the next message, ``/video PATH`` a video's frames (``--frames N``, 8 by default, or ``--fps F``; with their
+times), ``/schema FILE`` makes the following answers JSON that matches the JSON Schema in FILE
 (``/schema off`` goes back to free text, ``/schema`` alone says which is in force; ``--schema``, ``--regex``
 or ``--choices`` set one from the start), ``/reset`` starts over, ``/save FILE`` and ``/load FILE`` keep a
 conversation (history and KV cache, in ``FILE.safetensors``), ``/quit`` leaves.  In a terminal the input line
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from .errors import FastVLMError
 from .processor import DEFAULT_SYSTEM
 
-HELP = "commands: /image PATH, /schema FILE|off, /reset, /save FILE, /load FILE, /quit"
+HELP = "commands: /image PATH, /video PATH, /schema FILE|off, /reset, /save FILE, /load FILE, /quit"
 
 
 def _stats_line(r) -> str:
@@ -31,10 +32,22 @@ def _stats_line(r) -> str:
 class ChatREPL:
     """The loop, apart from the model loading, so that it can be driven line by line."""
 
-    def __init__(self, chat, sampling: dict, verbose: bool = False, out=sys.stdout, err=sys.stderr, constraint=None):
+    def __init__(
+        self,
+        chat,
+        sampling: dict,
+        verbose: bool = False,
+        out=sys.stdout,
+        err=sys.stderr,
+        constraint=None,
+        frames: int | None = None,
+        fps: float | None = None,
+    ):
         self.chat, self.sampling, self.verbose = chat, sampling, verbose
         self.out, self.err = out, err
         self.images: list[str] = []
+        self.video: str | None = None  # a video file for the next message, sampled by frames or fps
+        self.frames, self.fps = frames, fps
         self.constraint = constraint  # what the answers must match (structured.Constraint), None for free text
 
     def handle(self, line: str) -> bool:
@@ -60,11 +73,15 @@ class ChatREPL:
             return False
         if name == "/reset":
             self.chat.reset()
-            self.images = []
+            self.images, self.video = [], None
         elif name == "/image":
             if not arg:
                 raise FastVLMError("/image needs a path")
             self.images.append(image_argument(arg))  # fails now, with the file named, not at the next message
+        elif name == "/video":
+            if not arg:
+                raise FastVLMError("/video needs a path")
+            self.video = video_argument(arg)
         elif name == "/save":
             if not arg:
                 raise FastVLMError("/save needs a file name")
@@ -75,7 +92,7 @@ class ChatREPL:
             if not arg:
                 raise FastVLMError("/load needs a file name")
             self.chat = ChatSession.load(conversation_file(arg), self.chat.model, self.chat.processor)
-            self.images = []
+            self.images, self.video = [], None
         elif name == "/schema":
             self._schema(arg)
         elif name == "/help":
@@ -111,7 +128,8 @@ class ChatREPL:
         from .engine import Sampling
 
         last = None
-        answer = self.chat.stream(text, self.images or None, response_format=self.constraint, **self.sampling)
+        video = dict(video=self.video, frames=self.frames, fps=self.fps) if self.video else {}
+        answer = self.chat.stream(text, self.images or None, response_format=self.constraint, **video, **self.sampling)
         try:
             for last in answer:
                 self.out.write(last.text)
@@ -122,9 +140,9 @@ class ChatREPL:
             self.out.flush()
             print("(stopped)", file=self.err, flush=True)
             if last is not None:  # the turn is in the history; if nothing came, the images wait for the next one
-                self.images = []
+                self.images, self.video = [], None
             return
-        self.images = []  # attached to this message only; it is now part of the history
+        self.images, self.video = [], None  # attached to this message only; it is now part of the history
         self.out.write("\n")
         self.out.flush()
         if self.verbose and last is not None:
@@ -165,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
         dtype: str | None = dtype_option(),
         adapter_path: str | None = adapter_path_option(),
         image: list[str] | None = typer.Option(None, "--image", "-i", help="Image(s) for the first message."),
+        video: str | None = typer.Option(None, "--video", help="A video file whose frames go with the first message."),
+        frames: int | None = typer.Option(
+            None, "--frames", help="Frames of a video (--video, /video), evenly spread (default 8)."
+        ),
+        fps: float | None = typer.Option(None, "--fps", help="Frames a second of a video, instead of --frames."),
         system: str = typer.Option(DEFAULT_SYSTEM, "--system", help="System prompt ('' for none)."),
         image_cache_mb: int = typer.Option(256, "--image-cache-mb", help="Image-feature cache size (0 disables)."),
         verbose: bool = typer.Option(
@@ -178,11 +201,14 @@ def main(argv: list[str] | None = None) -> int:
         from .session import ChatSession
 
         images = [image_argument(i) for i in image or []]  # a bad image fails before the model loads, as in generate
+        if frames is not None and fps is not None:
+            raise FastVLMError("give --frames or --fps, not both")
+        first_video = video_argument(video) if video is not None else None
 
         def converse(engine) -> None:
             chat = ChatSession(engine.model, engine.processor, system=system or None, engine=engine)
-            repl = ChatREPL(chat, sampling, verbose, constraint=constraint)
-            repl.images = images
+            repl = ChatREPL(chat, sampling, verbose, constraint=constraint, frames=frames, fps=fps)
+            repl.images, repl.video = images, first_video
             _converse(repl)
 
         run_ranked(
@@ -197,6 +223,17 @@ def main(argv: list[str] | None = None) -> int:
 
     app(args=argv)
     return 0
+
+
+def video_argument(value: str) -> str:
+    """A video file named by the user, checked now (it is read when the message is sent)."""
+    import os
+
+    from .video import probe
+
+    path = os.path.expanduser(value)
+    probe(path)
+    return path
 
 
 def line_reader(interactive: bool, **session_options) -> Callable[[], str]:

@@ -528,12 +528,17 @@ def stream_generate(
     seed: int | None = None,
     logits_processors: list | None = None,
     prompt_cache: PromptCache | None = None,
+    video=None,
+    frames: int | None = None,
+    fps: float | None = None,
     **kwargs,
 ) -> Iterator[GenerationResponse]:
     """Yield text segments as they are generated.
 
     Either ``prompt`` (one user turn) with ``image`` (one image, a list of images, or None), or
     ``messages=[{"role": ..., "content": str | [parts]}, ...]`` (see ``FastVLMProcessor.render``).
+    ``video`` (a video file's path or bytes) adds its frames to the prompt's turn, ``frames`` of them spread
+    evenly (8 by default) or ``fps`` a second, each with its time (``fastvlm_mlx.video``).
     ``prompt_cache`` (a ``PromptCache``) carries a KV cache from one call to the next.
 
     Structured output (``structured.constrain``): ``response_format=`` (OpenAI's shape, or a pydantic model
@@ -542,10 +547,17 @@ def stream_generate(
     mlx-lm's ``generate_step`` (e.g. ``kv_bits``).
     """
     constraint = pop_constraint(kwargs)
-    if messages is None:
+    engine = engine_for(model, processor)
+    if messages is not None and (prompt is not None or image is not None or video is not None):
+        raise FastVLMError("pass either prompt (and image or video) or messages, not both")
+    if video is not None:
+        from .video import video_turn
+
+        messages = [video_turn(prompt, video, frames, fps, engine, images=image, system=system)]
+    elif frames is not None or fps is not None:
+        raise FastVLMError("frames and fps sample a video: pass video= too")
+    elif messages is None:
         messages = one_turn(prompt, image)
-    elif prompt is not None or image is not None:
-        raise FastVLMError("pass either prompt (and image) or messages, not both")
     sampling = Sampling(
         max_tokens=max_tokens,
         temperature=temperature,
@@ -558,7 +570,6 @@ def stream_generate(
         logits_processors=list(logits_processors or []),
         constraint=constraint.grammar if constraint else None,
     )
-    engine = engine_for(model, processor)
     yield from engine.stream(engine.prepare(messages, system), sampling, prompt_cache, **kwargs)
 
 

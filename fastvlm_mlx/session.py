@@ -76,11 +76,27 @@ class ChatSession:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
         self.cache = PromptCache(self.model)
 
-    def stream(self, text: str, images: None | object | Sequence = None, **sampling) -> Iterator[GenerationResponse]:
+    def stream(
+        self,
+        text: str,
+        images: None | object | Sequence = None,
+        *,
+        video=None,
+        frames: int | None = None,
+        fps: float | None = None,
+        **sampling,
+    ) -> Iterator[GenerationResponse]:
         """Ask; yields what ``stream_generate`` yields.  The user turn and the answer (as far as it got,
         if the caller stops early) join ``messages``; a request that fails before generating leaves the
-        history as it was."""
-        turn = one_turn(text, images)[0]
+        history as it was.  ``video``, ``frames`` and ``fps`` add a video's frames, as ``stream_generate``."""
+        if video is not None:
+            from .video import video_turn
+
+            turn = video_turn(text, video, frames, fps, self.engine, images, self.messages)
+        elif frames is not None or fps is not None:
+            raise FastVLMError("frames and fps sample a video: pass video= too")
+        else:
+            turn = one_turn(text, images)[0]
         constraint = pop_constraint(sampling)
         prompt = self.engine.prepare(self.messages + [turn], system=None)
         options = Sampling(**sampling, constraint=constraint.grammar if constraint else None)

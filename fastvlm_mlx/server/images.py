@@ -1,6 +1,7 @@
 """Where a request's images come from, and their limits: data URLs, http(s) URLs (off unless allowed; same-host
 redirects only) and files under an allowed directory; every source capped in bytes, every image in pixels, and
-checked before a pixel is decoded. Errors are ``APIError`` 400s (403 outside the allowed directory)."""
+checked before a pixel is decoded. Videos (``video_url``) come as data URLs or allowed files, their frames under the
+same pixel limit. Errors are ``APIError`` 400s (403 outside the allowed directory)."""
 
 import base64
 import binascii
@@ -105,17 +106,64 @@ def load_image_url(url: str, where: str, cfg: ServerConfig):
             raise
         except Exception as e:  # network errors
             raise APIError(400, f"{where}: could not fetch the image ({type(e).__name__})", "messages") from None
-    path = url[len("file://") :] if scheme == "file" else url
+    target = _allowed_file(url, where, cfg, "image")
+    if target.stat().st_size > cfg.max_image_bytes:
+        raise APIError(400, f"{where}: image is over the limit of {cfg.max_image_bytes} bytes", "messages")
+    return _open_checked(target.read_bytes(), where, cfg)
+
+
+def _allowed_file(url: str, where: str, cfg: ServerConfig, what: str) -> Path:
+    """A path (or file:// URL) that lies under ``--allowed-image-dir`` (a 403 outside it) and is a file."""
+    path = url[len("file://") :] if urlparse(url).scheme == "file" else url
     if cfg.allowed_image_dir is None:
         raise APIError(
-            400, f"{where}: local image files are off (start the server with --allowed-image-dir DIR)", "messages"
+            400, f"{where}: local {what} files are off (start the server with --allowed-image-dir DIR)", "messages"
         )
     root = Path(cfg.allowed_image_dir).resolve()
     target = Path(path).resolve()
     if not target.is_relative_to(root):
         raise APIError(403, f"{where}: {path} is outside the allowed image directory", "messages", "forbidden_path")
     if not target.is_file():
-        raise APIError(400, f"{where}: no such image file {path}", "messages")
-    if target.stat().st_size > cfg.max_image_bytes:
-        raise APIError(400, f"{where}: image is over the limit of {cfg.max_image_bytes} bytes", "messages")
-    return _open_checked(target.read_bytes(), where, cfg)
+        raise APIError(400, f"{where}: no such {what} file {path}", "messages")
+    return target
+
+
+def load_video_url(
+    url: str, where: str, cfg: ServerConfig, frames: int | None = None, fps: float | None = None, max_frames=None
+) -> list[dict]:
+    """A video's URL (a data URL within the body limit, or a file under ``--allowed-image-dir``) -> its sampled
+    frames' image parts (``frames`` evenly spread, 8 by default, or ``fps`` a second), then a text part of their
+    times (``fastvlm_mlx.video``).  Frames face the image pixel limit; more frames than ``max_frames`` (what the
+    model's context could hold) are refused before any is decoded."""
+    from ..errors import FastVLMError
+    from ..video import read_video, video_parts
+
+    if url.startswith("data:"):
+        header, _, payload = url.partition(",")
+        if not header.endswith(";base64") or not payload:
+            raise APIError(400, f"{where}: a data URL must be base64 (data:video/...;base64,...)", "messages")
+        try:
+            source = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise APIError(400, f"{where}: invalid base64 in the data URL", "messages") from None
+    elif urlparse(url).scheme in ("http", "https"):
+        raise APIError(400, f"{where}: a video_url must be a data URL or an allowed file, not a remote URL", "messages")
+    else:
+        source = str(_allowed_file(url, where, cfg, "video"))
+
+    def refuse_over(info, count: int) -> None:
+        if max_frames is not None and count > max_frames:
+            raise APIError(
+                400,
+                f"{where}: {count} frames cannot fit the model's context (at most {max_frames}); "
+                "ask for fewer (frames, or a lower fps)",
+                "messages",
+                "context_length_exceeded",
+            )
+
+    try:
+        info, picked = read_video(source, frames, fps, cfg.max_image_pixels, refuse_over)
+        return video_parts(picked, info.duration)
+    except FastVLMError as e:
+        message = str(e).removeprefix("video bytes: ")
+        raise APIError(400, f"{where}: {message}", "messages", "invalid_video") from None

@@ -120,15 +120,41 @@ class ImagePart(Strict):
         return {"url": value} if isinstance(value, str) else value
 
 
+class VideoURL(Strict):
+    """This server's extension (vLLM's part shape): a video as a data URL or an allowed file, and how many of its
+    frames go into the prompt (``frames`` evenly spread, 8 by default, or ``fps`` a second)."""
+
+    url: str = Field(min_length=1)
+    frames: int | None = Field(None, ge=1)
+    fps: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_sampling(self):
+        if self.frames is not None and self.fps is not None:
+            raise ValueError("give frames or fps, not both")
+        return self
+
+
+class VideoPart(Strict):
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+    @field_validator("video_url", mode="before")
+    @classmethod
+    def _bare_url(cls, value):
+        return {"url": value} if isinstance(value, str) else value
+
+
 def _part_kind(part) -> str | None:
     kind = part.get("type") if isinstance(part, dict) else getattr(part, "type", None)
-    return {"text": "<text>", "image_url": "<image_url>"}.get(kind)
+    return {"text": "<text>", "image_url": "<image_url>", "video_url": "<video_url>"}.get(kind)
 
 
 Part = Annotated[
-    Annotated[TextPart, Tag("<text>")] | Annotated[ImagePart, Tag("<image_url>")],
+    Annotated[TextPart, Tag("<text>")] | Annotated[ImagePart, Tag("<image_url>")]
+    | Annotated[VideoPart, Tag("<video_url>")],
     Discriminator(_part_kind, custom_error_type="part_type",
-                  custom_error_message="unsupported part (a part's type is text or image_url)"),
+                  custom_error_message="unsupported part (a part's type is text, image_url or video_url)"),
 ]  # fmt: skip
 Content = Annotated[
     Annotated[str, Tag("<string>")] | Annotated[list[Part], Tag("<parts>")],
@@ -430,23 +456,33 @@ class ChatCompletionRequest(Strict):
         params["max_tokens"] = min(params["max_tokens"], max_tokens_limit)
         return params
 
-    def engine_messages(self, load_image: Callable[[str, str], Any]) -> list[dict]:
-        """The conversation as the engine takes it; ``load_image(url, where)`` turns an image_url into an image."""
+    def engine_messages(
+        self, load_image: Callable[[str, str], Any], load_video: Callable[[VideoURL, str], list[dict]] | None = None
+    ) -> list[dict]:
+        """The conversation as the engine takes it; ``load_image(url, where)`` turns an image_url into an image,
+        ``load_video(video_url, where)`` a video_url into its frames' image parts and a text part of their times,
+        which goes before the message's own text."""
         out = []
         for i, message in enumerate(self.messages):
             role = "system" if message.role == "developer" else message.role
             if isinstance(message.content, str):
                 out.append({"role": role, "content": message.content})
                 continue
-            parts = []
+            parts, timings = [], []
             for j, part in enumerate(message.content):
+                where = f"messages[{i}].content[{j}]"
                 if isinstance(part, TextPart):
                     parts.append({"type": "text", "text": part.text})
+                elif isinstance(part, VideoPart):
+                    if load_video is None:
+                        raise APIError(400, f"{where}: video_url parts are not supported here", "messages")
+                    *frames, timing = load_video(part.video_url, where)
+                    parts.extend(frames)
+                    timings.append(timing)
                 else:
-                    parts.append(
-                        {"type": "image", "image": load_image(part.image_url.url, f"messages[{i}].content[{j}]")}
-                    )
-            out.append({"role": role, "content": parts})
+                    parts.append({"type": "image", "image": load_image(part.image_url.url, where)})
+            first_text = next((k for k, p in enumerate(parts) if p["type"] == "text"), len(parts))
+            out.append({"role": role, "content": parts[:first_text] + timings + parts[first_text:]})
         return out
 
     def with_tools_listed(self, messages: list[dict], default_system: str) -> list[dict]:

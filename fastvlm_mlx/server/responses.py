@@ -57,6 +57,22 @@ class InputImage(Closed):
         return self
 
 
+class InputVideo(Closed):
+    """This server's extension: a video (a data URL or an allowed file) whose frames go into the prompt with their
+    times, ``frames`` of them evenly spread (8 by default) or ``fps`` a second."""
+
+    type: Literal["input_video"]
+    video_url: str = Field(min_length=1)
+    frames: int | None = Field(None, ge=1)
+    fps: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_sampling(self):
+        if self.frames is not None and self.fps is not None:
+            raise ValueError("give frames or fps, not both")
+        return self
+
+
 def unknown_type(what: str, kinds: tuple[str, ...]):
     """A union member that refuses a ``type`` outside ``kinds``, naming it."""
 
@@ -87,10 +103,11 @@ def by_type(kinds: tuple[str, ...], what: str):
     )
 
 
-PART_TYPES = ("input_text", "input_image", "output_text")
+PART_TYPES = ("input_text", "input_image", "input_video", "output_text")
 InputPart = Annotated[
     Annotated[InputText, Tag("<input_text>")]
     | Annotated[InputImage, Tag("<input_image>")]
+    | Annotated[InputVideo, Tag("<input_video>")]
     | Annotated[OutputTextIn, Tag("<output_text>")]
     | unknown_type("part", PART_TYPES),
     by_type(PART_TYPES, "part"),
@@ -232,8 +249,10 @@ class ResponsesRequest(Strict):
             raise APIError(400, f"text.format: {e}", "text.format.schema", "invalid_json_schema") from None
         return None
 
-    def engine_messages(self, load_image) -> list[dict]:
-        """``instructions`` as a system message, then the input; ``load_image(url, where)`` decodes an image."""
+    def engine_messages(self, load_image, load_video=None) -> list[dict]:
+        """``instructions`` as a system message, then the input; ``load_image(url, where)`` decodes an image,
+        ``load_video(part, where)`` a video into its frames' image parts and a text part of their times, which
+        goes before the message's own text (as in chat completions)."""
         out = [{"role": "system", "content": self.instructions}] if self.instructions is not None else []
         if isinstance(self.input, str):
             return out + [{"role": "user", "content": self.input}]
@@ -242,13 +261,20 @@ class ResponsesRequest(Strict):
             if isinstance(message.content, str):
                 out.append({"role": role, "content": message.content})
                 continue
-            parts = []
+            parts, timings = [], []
             for j, part in enumerate(message.content):
                 if isinstance(part, InputImage):
                     parts.append({"type": "image", "image": load_image(part.image_url, f"input[{i}].content[{j}]")})
+                elif isinstance(part, InputVideo):
+                    if load_video is None:
+                        raise APIError(400, f"input[{i}].content[{j}]: input_video is not supported here", "input")
+                    *frames, timing = load_video(part, f"input[{i}].content[{j}]")
+                    parts.extend(frames)
+                    timings.append(timing)
                 else:
                     parts.append({"type": "text", "text": part.text})
-            out.append({"role": role, "content": parts})
+            first_text = next((k for k, p in enumerate(parts) if p["type"] == "text"), len(parts))
+            out.append({"role": role, "content": parts[:first_text] + timings + parts[first_text:]})
         return out
 
 
@@ -333,11 +359,13 @@ class ResponseObject(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------- serving
-def parse_request(body, cfg: ServerConfig, model_id: str) -> tuple[ParsedRequest, ResponseObject]:
-    """Check a Responses body: the scheduler's request (images decoded, grammar compiled) and the response
-    object it will fill in (status ``in_progress``, no output yet)."""
+def parse_request(
+    body, cfg: ServerConfig, model_id: str, max_frames: int | None = None
+) -> tuple[ParsedRequest, ResponseObject]:
+    """Check a Responses body: the scheduler's request (images and videos decoded, grammar compiled) and the
+    response object it will fill in (status ``in_progress``, no output yet)."""
     from ..cli import sampling_defaults
-    from .images import load_image_url
+    from .images import load_image_url, load_video_url
 
     def load_image(url: str, where: str):
         try:
@@ -345,10 +373,16 @@ def parse_request(body, cfg: ServerConfig, model_id: str) -> tuple[ParsedRequest
         except APIError as e:
             raise about_input(e) from None
 
+    def load_video(part: InputVideo, where: str):
+        try:
+            return load_video_url(part.video_url, where, cfg, part.frames, part.fps, max_frames)
+        except APIError as e:
+            raise about_input(e) from None
+
     request = ResponsesRequest.parse(body)
     sampling = request.sampling_params({**sampling_defaults(), **cfg.sampling}, cfg.max_tokens_limit)
     sampling["constraint"] = request.constraint()
-    messages = request.engine_messages(load_image)
+    messages = request.engine_messages(load_image, load_video)
     shell = ResponseObject(
         id=f"resp_{uuid.uuid4().hex}", created_at=int(time.time()), status="in_progress", model=model_id,
         instructions=request.instructions, max_output_tokens=request.max_output_tokens,
@@ -389,7 +423,9 @@ async def create(
     received = time.perf_counter() if received is None else received
     if not service.alive:
         raise APIError(503, "the generation loop stopped", kind="server_error")
-    parsed, shell = await asyncio.to_thread(parse_request, body, service.cfg, service.model_id)  # images off the loop
+    parsed, shell = await asyncio.to_thread(  # images off the loop
+        parse_request, body, service.cfg, service.model_id, service.max_frames
+    )
     job = Job(parsed, asyncio.get_running_loop(), asyncio.Queue(), created=received)
     service.scheduler.submit(job)
     if parsed.stream:

@@ -31,15 +31,19 @@ KEEPALIVE = object()  # no event within the keep-alive interval: a streaming res
 Disconnected = Callable[[], Awaitable[bool]]
 
 
-def parse_request(body, cfg: ServerConfig) -> ParsedRequest:
-    """Check a chat-completions body and turn it into engine messages (images decoded) and sampling options."""
+def parse_request(body, cfg: ServerConfig, max_frames: int | None = None) -> ParsedRequest:
+    """Check a chat-completions body and turn it into engine messages (images and videos decoded) and sampling
+    options; a video may give at most ``max_frames`` frames (what the model's context could hold)."""
     from ..cli import sampling_defaults
     from ..processor import DEFAULT_SYSTEM
-    from .images import load_image_url
+    from .images import load_image_url, load_video_url
 
     request = ChatCompletionRequest.parse(body)
     constraint, tool_call = request.output()  # compiled before any image is decoded: a bad schema costs little
-    messages = request.engine_messages(lambda url, where: load_image_url(url, where, cfg))
+    messages = request.engine_messages(
+        lambda url, where: load_image_url(url, where, cfg),
+        lambda part, where: load_video_url(part.url, where, cfg, part.frames, part.fps, max_frames),
+    )
     messages = request.with_tools_listed(messages, DEFAULT_SYSTEM)
     sampling = request.sampling_params({**sampling_defaults(), **cfg.sampling}, cfg.max_tokens_limit)
     sampling["constraint"] = constraint.grammar if constraint is not None else None  # the decoder masks the logits
@@ -93,6 +97,8 @@ class ChatService:
 
         self.cfg, self.model_id = cfg, model_id
         self.engine = engine_for(model, processor, image_cache_bytes=cfg.image_cache_bytes)
+        # the most video frames a request could fit: a video asking for more is refused before it is decoded
+        self.max_frames = processor.context_length // model.config.num_image_tokens
         self.metrics = Metrics()
         self.scheduler = Scheduler(self.engine, cfg, self.metrics)
 
@@ -111,7 +117,7 @@ class ChatService:
         received = time.perf_counter() if received is None else received
         if not self.alive:
             raise APIError(503, "the generation loop stopped", kind="server_error")
-        parsed = await asyncio.to_thread(parse_request, body, self.cfg)  # images are decoded off the event loop
+        parsed = await asyncio.to_thread(parse_request, body, self.cfg, self.max_frames)  # images: off the loop
         job = Job(parsed, asyncio.get_running_loop(), asyncio.Queue(), created=received)
         self.scheduler.submit(job)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
