@@ -11,6 +11,8 @@ COMMANDS = {
     "batch": ("fastvlm_mlx.batch", "caption or question a whole image collection into a JSONL file, resumably"),
     "lora": ("fastvlm_mlx.lora", "fine-tune with LoRA, DoRA or full fine-tuning on images with Q&A (mlx-lm's tuner)"),
     "convert": ("fastvlm_mlx.convert", "convert Apple, transformers or mlx-vlm checkpoints (and export CoreML)"),
+    "fuse": ("fastvlm_mlx.fuse", "fold fine-tuned adapters into a model and save it (or as Apple's app folder)"),
+    "eval": ("fastvlm_mlx.eval", "answer a JSONL file of questions about images and score them (VQA, ANLS, ...)"),
 }
 
 

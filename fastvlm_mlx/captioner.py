@@ -31,7 +31,8 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 
 
 def list_inputs(source: str, prompt: str | None) -> list[dict]:
-    """The work items of ``--input``, each ``{"id", "image", "prompt"}``, in a stable order."""
+    """The work items of ``--input`` (a folder, one image, a JSONL file, a text file of paths or a glob), each
+    ``{"id", "image", "prompt"}``, in a stable order."""
     path = Path(source)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
@@ -48,8 +49,13 @@ def list_inputs(source: str, prompt: str | None) -> list[dict]:
             if not isinstance(row, dict) or not isinstance(row.get("image"), str):
                 raise FastVLMError(f"{path}:{n}: each row needs an 'image' path")
             items.append({"id": str(row.get("id", row["image"])), "image": row["image"], "prompt": row.get("prompt")})
+    elif path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:  # one image
+        items = [{"id": str(path), "image": str(path)}]
     elif path.is_file():
-        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        try:
+            lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError:
+            raise FastVLMError(f"{path}: not a text file of image paths (nor an image, JSONL file or folder)") from None
         items = [{"id": line, "image": line} for line in lines]
     elif any(c in source for c in "*?["):
         items = [{"id": p, "image": p} for p in sorted(glob.glob(source, recursive=True)) if os.path.isfile(p)]
@@ -116,7 +122,8 @@ def _decode_ahead(items: list[dict], out: "queue.Queue", stop: threading.Event) 
 def caption(engine, items: list[dict], sampling: dict, batch_size: int, write, constraint=None) -> None:
     """Answer every item with batched decoding; ``write(record)`` is called as each one finishes.  Under a
     ``constraint`` (``structured.Constraint``) each answer matches it, and its sequence gets the grammar through
-    ``Sampling.constraint``."""
+    ``Sampling.constraint``.  A record's ``ttft_ms`` runs from its admission (image encode and prefill, with those
+    of the items admitted beside it) to its first token."""
     from .engine import Sampling
 
     decoder = engine.decoder(max_batch=batch_size)
@@ -155,22 +162,26 @@ def caption(engine, items: list[dict], sampling: dict, batch_size: int, write, c
                     write({"id": item["id"], "image": item["image"], "prompt": item["prompt"], "error": error})
             if ready:
                 options = Sampling(**sampling, constraint=constraint.grammar if constraint else None)
+                admitted_at = time.perf_counter()
                 for (item, _), admitted in zip(ready, decoder.admit([(p, options) for _, p in ready])):
-                    running[admitted.uid] = (item, admitted, [])
+                    running[admitted.uid] = (item, admitted, [], [admitted_at])
             for t in decoder.step():
-                item, admitted, text = running[t.uid]
+                item, admitted, text, times = running[t.uid]
+                if not text:
+                    times.append(time.perf_counter())
                 text.append(t.text)
                 if t.error is not None:  # its logits overflowed: an error record, retried by --retry-errors
                     del running[t.uid]
                     write({"id": item["id"], "image": item["image"], "prompt": item["prompt"], "error": t.error})
                 elif t.finish_reason is not None:
                     del running[t.uid]
-                    write(_record(item, admitted, t, "".join(text), constraint, sampling["max_tokens"]))
+                    ttft_ms = (times[1] - times[0]) * 1e3
+                    write(_record(item, admitted, t, "".join(text), constraint, sampling["max_tokens"], ttft_ms))
     finally:
         stop.set()
 
 
-def _record(item: dict, admitted, last, text: str, constraint, max_tokens: int) -> dict:
+def _record(item: dict, admitted, last, text: str, constraint, max_tokens: int, ttft_ms: float | None = None) -> dict:
     """The record of a finished answer; under a constraint, with its value (``json``, for a schema), or an
     error record when it ended before it matched."""
     from .cli import cut_short
@@ -185,6 +196,8 @@ def _record(item: dict, admitted, last, text: str, constraint, max_tokens: int) 
         prompt_tokens=admitted.prompt_tokens,
         generation_tokens=last.generation_tokens,
     )
+    if ttft_ms is not None:
+        record["ttft_ms"] = round(ttft_ms, 3)
     if constraint is not None and constraint.is_json:
         try:
             record["json"] = constraint.parse(text, last.finish_reason)
@@ -205,6 +218,7 @@ def _caption_all(
     retry_errors=False,
     dtype=None,
     constraint=None,
+    adapter_path=None,
 ) -> int:
     """The whole run of one process, or of one data-parallel rank (``cluster``): list the inputs, skip
     those already answered, caption the rest, summarize; returns the exit status."""
@@ -226,7 +240,7 @@ def _caption_all(
     counts = [0, 0, len(mine) - len(todo)]  # answered, failed, already done
     start = time.perf_counter()
     if todo:
-        model, processor = loaded or load(model_path, dtype=dtype)
+        model, processor = loaded or load(model_path, dtype=dtype, adapter_path=adapter_path)
         start = time.perf_counter()  # images/s is for captioning, not for loading the model
         target.parent.mkdir(parents=True, exist_ok=True)
         quiet = cluster is not None and not cluster.leader  # one progress bar: rank 0's share
@@ -327,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import distributed
     from .cli import (
+        adapter_path_option,
         connect_timeout_option,
         dtype_option,
         model_option,
@@ -350,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     def run(
         model_path: str = model_option(),
         dtype: str | None = dtype_option(),
+        adapter_path: str | None = adapter_path_option(),
         source: str = typer.Option(..., "--input", "-i", help="Directory, glob, text file of paths, or JSONL file."),
         output: Path = typer.Option(..., "--output", "-o", help="JSONL file the records are appended to."),
         prompt: str = typer.Option(
@@ -372,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
             raise FastVLMError(f"--batch-size must be at least 1 (got {batch_size})")
         if output.is_dir():
             raise FastVLMError(f"{output}: is a directory; --output names the JSONL file to write")
-        options = dict(retry_errors=retry_errors, dtype=dtype, constraint=constraint)
+        options = dict(retry_errors=retry_errors, dtype=dtype, constraint=constraint, adapter_path=adapter_path)
         cluster = distributed.start(parallel, connect_timeout, allowed=("data",) + distributed.MODEL_PARALLEL)
         if cluster is None or not cluster.splits_model:  # alone, or a data-parallel rank: the model loads if needed
             status["code"] = _caption_all(
@@ -384,7 +400,12 @@ def main(argv: list[str] | None = None) -> int:
             loaded = (engine.model, engine.processor)
             return _caption_all(model_path, source, output, prompt, sampling, batch_size, loaded, **options)
 
-        status["code"] = run_ranked(lead, model_path, parallel, connect_timeout, cluster=cluster, dtype=dtype) or 0
+        status["code"] = (
+            run_ranked(
+                lead, model_path, parallel, connect_timeout, cluster=cluster, dtype=dtype, adapter_path=adapter_path
+            )
+            or 0
+        )
 
     try:
         stopped = app(args=argv, standalone_mode=False)  # typer gives 130 for a Ctrl-C it caught

@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     import typer
 
     from .cli import (
+        adapter_path_option,
         connect_timeout_option,
         dtype_option,
         image_argument,
@@ -162,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     def run(
         model_path: str = model_option(),
         dtype: str | None = dtype_option(),
+        adapter_path: str | None = adapter_path_option(),
         image: list[str] | None = typer.Option(None, "--image", "-i", help="Image(s) for the first message."),
         system: str = typer.Option(DEFAULT_SYSTEM, "--system", help="System prompt ('' for none)."),
         image_cache_mb: int = typer.Option(256, "--image-cache-mb", help="Image-feature cache size (0 disables)."),
@@ -183,7 +185,15 @@ def main(argv: list[str] | None = None) -> int:
             repl.images = images
             _converse(repl)
 
-        run_ranked(converse, model_path, parallel, connect_timeout, dtype=dtype, image_cache_bytes=image_cache_mb << 20)
+        run_ranked(
+            converse,
+            model_path,
+            parallel,
+            connect_timeout,
+            dtype=dtype,
+            adapter_path=adapter_path,
+            image_cache_bytes=image_cache_mb << 20,
+        )
 
     app(args=argv)
     return 0

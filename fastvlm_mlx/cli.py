@@ -47,6 +47,10 @@ DTYPE_HELP = (
     "float32, float16 or bfloat16: what the model computes in (default: the checkpoint's own dtype on a "
     "GPU, float32 on the CPU)."
 )
+ADAPTER_PATH_HELP = (
+    "Folder of fine-tuned adapters (adapter_config.json and adapters.safetensors, as fastvlm_mlx.lora writes "
+    "them) to put on the model."
+)
 MAX_IMAGE_DOWNLOAD = 64 << 20
 DOWNLOAD_TIMEOUT_S = 30.0
 
@@ -206,6 +210,13 @@ def dtype_option():
     return typer.Option(None, "--dtype", help=DTYPE_HELP)
 
 
+def adapter_path_option():
+    """``--adapter-path``, the same in every command that loads a model."""
+    import typer
+
+    return typer.Option(None, "--adapter-path", help=ADAPTER_PATH_HELP)
+
+
 def parallel_option(default: str = "tensor", help_text: str | None = None):
     """``--parallel``: how the ranks share the work under ``mlx.launch``."""
     import typer
@@ -245,7 +256,8 @@ def run_ranked(
 
     Under ``mlx.launch`` the ranks join (``parallel``, ``connect_timeout``, unless a ``cluster`` already
     started is given) and each loads its part of the decoder; the other ranks then take rank 0's steps
-    until ``lead`` ends, and return None.  ``load_options`` go to ``load`` (``dtype``, ``vision_backend``);
+    until ``lead`` ends, and return None.  ``load_options`` go to ``load`` (``dtype``, ``vision_backend``,
+    ``adapter_path``);
     ``image_cache_bytes`` sizes the engine's image-feature cache."""
     from . import distributed
     from .engine import engine_for

@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     import typer
 
     from .cli import (
+        adapter_path_option,
         connect_timeout_option,
         dtype_option,
         image_argument,
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         model_path: str = model_option(),
         dtype: str | None = dtype_option(),
+        adapter_path: str | None = adapter_path_option(),
         system: str = typer.Option(DEFAULT_SYSTEM, "--system", help="System prompt ('' for none)."),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="Print timing and memory to stderr."),
         vision_backend: str = typer.Option(
@@ -72,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             connect_timeout,
             dtype=dtype,
             vision_backend=vision_backend,
+            adapter_path=adapter_path,
         )
 
     app(args=argv)

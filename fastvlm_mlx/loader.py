@@ -17,6 +17,7 @@ from .mlx_thread import runs_on_mlx_thread
 from .model import FastVLM, ModelConfig
 
 if TYPE_CHECKING:
+    from .adapters import Adapters
     from .distributed import Cluster
     from .processor import FastVLMProcessor
 
@@ -142,9 +143,15 @@ def specialize(model: FastVLM) -> FastVLM:
     return model
 
 
-def load_model(path: Path, dtype: mx.Dtype | str | None = None, cluster: Optional["Cluster"] = None) -> FastVLM:
-    """Read, build and cast; with a ``cluster`` that splits the model, keep this rank's part of the decoder
-    (the weights are still lazy then, so the rest is never materialised) and, on a follower, no vision tower."""
+def load_model(
+    path: Path,
+    dtype: mx.Dtype | str | None = None,
+    cluster: Optional["Cluster"] = None,
+    adapters: Optional["Adapters"] = None,
+) -> FastVLM:
+    """Read, build and cast; put the ``adapters`` (``adapters.read_adapters``) on; with a ``cluster`` that splits
+    the model, keep this rank's part of the decoder (the weights are still lazy then, so the rest is never
+    materialised) and, on a follower, no vision tower."""
     config, weights = read_checkpoint(path)
     if cluster is not None and cluster.splits_model:
         cluster.check_split(config.text_args())
@@ -160,11 +167,31 @@ def load_model(path: Path, dtype: mx.Dtype | str | None = None, cluster: Optiona
         compact = stored_compact(model.language_model)
     model.set_dtype(dtype)
     model.language_model.load_weights(compact, strict=False)  # back to the checkpoint's bfloat16
+    if adapters is not None:
+        with_adapters(model, adapters, dtype, cluster)
     if cluster is not None and cluster.splits_model:
         cluster.split(model.language_model)
     needed = model.parameters() if cluster is None or cluster.leader else model.language_model.parameters()
     mx.eval(needed)
     return specialize(model)
+
+
+def with_adapters(model: FastVLM, adapters: "Adapters", dtype: mx.Dtype, cluster: Optional["Cluster"]) -> None:
+    """Put the adapters on the model as built and cast.  Where the CPU layer will compute (float32), or mlx-lm
+    splits each layer over ranks (tensor parallel), the LoRA and DoRA layers over plain weights are fused into
+    them (the same sums, in float32 on the CPU); over quantized weights they stay LoRA layers, as mlx-lm keeps
+    them, since fusing would round the update to the quantization's grid."""
+    from .adapters import adapter_layers, apply_adapters, fuse_adapters
+
+    apply_adapters(model, adapters)
+    tensor_split = cluster is not None and cluster.mode == "tensor"
+    if uses_cpu_layer(dtype) or tensor_split:
+        fuse_adapters(model, keep_quantized=True)
+    if tensor_split and adapter_layers(model):
+        raise FastVLMError(
+            f"{adapters.path}: --parallel tensor cannot split LoRA layers over a quantized model; "
+            "fuse the adapters into it first (python -m fastvlm_mlx.fuse) or use --parallel pipeline"
+        )
 
 
 VISION_BACKENDS = ("mlx", "coreml")
@@ -176,6 +203,7 @@ def load(
     dtype: mx.Dtype | str | None = None,
     vision_backend: str = "mlx",
     cluster: Optional["Cluster"] = None,
+    adapter_path: str | Path | None = None,
 ) -> tuple[FastVLM, "FastVLMProcessor"]:
     """Load a FastVLM checkpoint of any supported format; returns (model, processor).
 
@@ -185,18 +213,31 @@ def load(
     ``vision_backend="coreml"`` (macOS) encodes images with ``fastvithd.mlpackage`` from the model
     directory, as Apple's app does; the projector and decoder still run in MLX.  ``cluster``
     (``distributed.start``) splits the decoder over the ranks of a distributed group.
+
+    ``adapter_path``: a folder of fine-tuned adapters (mlx-lm's ``adapter_config.json`` and
+    ``adapters.safetensors``, as ``python -m fastvlm_mlx.lora`` writes them), put on the model as it loads.
     """
     from .processor import FastVLMProcessor
 
     if vision_backend not in VISION_BACKENDS:
         raise FastVLMError(f"vision_backend must be one of {', '.join(VISION_BACKENDS)} (got {vision_backend!r})")
+    adapters = None
+    if adapter_path is not None:  # before the model is read, so a bad adapter folder fails fast
+        from .adapters import read_adapters
+
+        adapters = read_adapters(adapter_path)
+        if adapters.train_vision and vision_backend == "coreml":
+            raise FastVLMError(
+                f"{adapters.path}: the adapters tune the vision tower, which the CoreML tower cannot take "
+                "(use --vision-backend mlx, or export the fused model's tower again)"
+            )
     path = resolve_path(str(path_or_repo))
     coreml_tower = None
     if vision_backend == "coreml":  # before the weights are read, so a missing package fails fast
         from .coreml_vision import PACKAGE_NAME, CoreMLVisionTower
 
         coreml_tower = CoreMLVisionTower.open(path / PACKAGE_NAME)
-    model = load_model(path, dtype, cluster)
+    model = load_model(path, dtype, cluster, adapters)
     if coreml_tower is not None:
         if coreml_tower.resolution != model.config.image_size:
             raise FastVLMError(

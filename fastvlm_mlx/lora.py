@@ -24,6 +24,8 @@ CONFIG_DEFAULTS = {
     "train": False,
     "test": False,
     "fine_tune_type": "lora",
+    "train_mode": "sft",
+    "beta": 0.1,
     "optimizer": "adam",
     "optimizer_config": {},
     "seed": 0,
@@ -56,6 +58,7 @@ CONFIG_DEFAULTS = {
     "q_group_size": 64,
 }
 OPTIMIZERS = ("adam", "adamw", "muon", "sgd", "adafactor")
+TRAIN_MODES = ("sft", "dpo")
 DEFAULT_ITERS = 1000  # mlx_lm.lora's, when neither --iters nor --epochs is given
 
 
@@ -126,6 +129,10 @@ def _check(args) -> None:
             raise FastVLMError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
     if args.iters is not None and args.epochs is not None:
         raise FastVLMError("give --iters or --epochs, not both")
+    if args.train_mode not in TRAIN_MODES:
+        raise FastVLMError(f"--train-mode must be {' or '.join(TRAIN_MODES)} (got {args.train_mode!r})")
+    if not args.beta > 0:
+        raise FastVLMError(f"--beta must be above 0 (got {args.beta})")
     if args.train_vision and args.quantize:
         raise FastVLMError("--train-vision with -q: the tower is not quantized, train it on an unquantized model")
 
@@ -136,7 +143,7 @@ def _saved_setup(args) -> None:
     if not path.is_file():
         return
     saved = json.loads(path.read_text())
-    for key in ("fine_tune_type", "num_layers", "lora_parameters", "train_projector", "train_vision"):
+    for key in ("fine_tune_type", "num_layers", "lora_parameters", "train_projector", "train_vision", "train_mode"):
         if key in saved:
             setattr(args, key, saved[key])
 
@@ -149,7 +156,8 @@ def tune(args: types.SimpleNamespace, training_callback=None, report=None) -> di
     from mlx_lm.tuner.trainer import TrainingArgs, evaluate, train
     from mlx_lm.tuner.utils import build_schedule
 
-    from .tuning.data import load_splits
+    from .tuning import preference
+    from .tuning.data import load_splits, read_split
     from .tuning.trainer import (
         FEATURES_FILE,
         Batches,
@@ -170,6 +178,7 @@ def tune(args: types.SimpleNamespace, training_callback=None, report=None) -> di
     quantize = {"bits": args.q_bits, "group_size": args.q_group_size} if args.quantize else None
     model, processor = load_for_training(args.model, quantize)
     names = (("train", "valid") if args.train else ()) + (("test",) if args.test else ())
+    dpo = args.train_mode == "dpo"
     splits = load_splits(
         args.data,
         processor,
@@ -180,6 +189,7 @@ def tune(args: types.SimpleNamespace, training_callback=None, report=None) -> di
         image_folder=args.image_folder,
         max_seq_length=args.max_seq_length,
         mask_prompt=args.mask_prompt,
+        reader=preference.read_preference_split if dpo else read_split,
     )
     lora_parameters = None
     if args.fine_tune_type != "full":
@@ -195,10 +205,22 @@ def tune(args: types.SimpleNamespace, training_callback=None, report=None) -> di
     reused = features.load(features_file)
     if reused:
         report(f"read the features of {reused} image(s) from {features_file}")
-    loss = make_loss(kind)
     save_features = (lambda: features.save(features_file)) if args.save_features else None
-    batches = Batches(features, model.config.num_image_tokens, on_pass_end=save_features)
     result = {"model": model, "features": features, "splits": splits, "test_loss": None}
+    if dpo:
+        loss = preference.make_dpo_loss(kind, args.beta)
+        batches = preference.PreferenceBatches(features, model.config.num_image_tokens, on_pass_end=save_features)
+        for pairs in splits.values():  # the reference is the model before any adapter weights are loaded
+            preference.set_references(model, pairs, batches, args.batch_size, kind)
+    else:
+        loss = make_loss(kind)
+        batches = Batches(features, model.config.num_image_tokens, on_pass_end=save_features)
+
+    def accuracy(split: str) -> None:
+        if dpo:
+            value = preference.reward_accuracy(model, splits[split], batches, args.batch_size, kind, args.beta)
+            report(f"{split.capitalize()} reward accuracy {value:.3f}.")
+            result[f"{split}_reward_accuracy"] = value
 
     if args.train:
         if args.resume_adapter_file:
@@ -240,6 +262,7 @@ def tune(args: types.SimpleNamespace, training_callback=None, report=None) -> di
         finally:
             if save_features:
                 save_features()
+        accuracy("valid")
     elif args.test and (adapter_path / ADAPTER_FILE).is_file():
         load_trained(model, adapter_path / ADAPTER_FILE)
 
@@ -253,7 +276,11 @@ def tune(args: types.SimpleNamespace, training_callback=None, report=None) -> di
             loss=loss,
             iterate_batches=batches,
         )
-        report(f"Test loss {test_loss:.3f}, Test ppl {math.exp(min(test_loss, 700)):.3f}.")
+        if dpo:
+            report(f"Test DPO loss {test_loss:.3f}.")
+            accuracy("test")
+        else:
+            report(f"Test loss {test_loss:.3f}, Test ppl {math.exp(min(test_loss, 700)):.3f}.")
         result["test_loss"] = test_loss
     return result
 
@@ -298,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
         train: bool | None = flag("--train", help_text="Train."),
         test: bool | None = flag("--test", help_text="Report the test set's loss (after training, if --train)."),
         fine_tune_type: str | None = flag("--fine-tune-type", help_text="lora (default), dora or full."),
+        train_mode: str | None = flag(
+            "--train-mode", help_text="sft (default) or dpo (preference pairs: prompt, chosen, rejected)."
+        ),
+        beta: float | None = flag("--beta", help_text="DPO's beta: how far from the base model (default 0.1)."),
         optimizer: str | None = flag("--optimizer", help_text=f"One of {', '.join(OPTIMIZERS)} (default adam)."),
         mask_prompt: bool | None = flag(
             "--mask-prompt/--no-mask-prompt", help_text="Loss on the assistant's tokens only (default on)."

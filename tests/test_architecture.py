@@ -81,8 +81,8 @@ def test_runtime_never_imports_convert():
         converters = [m for m in probe["modules"] if m.split(".")[0] in ("fastvlm_convert", "convert")]
         assert not converters, probe["modules"]
     for path in (ROOT / "fastvlm_mlx").rglob("*.py"):
-        if path.name == "convert.py" and path.parent.name == "fastvlm_mlx":
-            continue  # the CLI entry point `python -m fastvlm_mlx.convert`, which no runtime module imports
+        if path.name in ("convert.py", "fuse.py") and path.parent.name == "fastvlm_mlx":
+            continue  # the CLI entry points `python -m fastvlm_mlx.convert|fuse`, which no runtime module imports
         source = path.read_text()
         assert not re.search(r"^\s*(from|import) (fastvlm_)?convert\b", source, re.M), path
 

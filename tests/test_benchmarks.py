@@ -154,3 +154,24 @@ def test_structured_smoke_run_reports_constrained_and_free_rates():
     ratios = {line["batch"]: line["constrained_over_free"] for line in lines if "constrained_over_free" in line}
     assert set(ratios) == {1, 2} and all(x > 0 for x in ratios.values())
     assert "schema/free" in proc.stderr
+
+
+def test_train_smoke_run_reports_examples_per_second():
+    proc = run_cli("benchmarks.train", "--smoke", timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    header, ours = lines[0], lines[1]
+    assert header["benchmark"] == "fastvlm-train" and header["machine"]["cores"] >= 1
+    assert (header["examples"], header["epochs"], header["batch_size"], header["iters"]) == (8, 1, 2, 4)
+    assert ours["system"] == "ours" and "error" not in ours, ours
+    assert "fastvlm_mlx.lora" in ours["command"] and "--num-layers -1" in ours["command"]
+    assert ours["examples_trained"] == 8
+    assert 0 < ours["load_s"] < ours["wall_s"] and 0 < ours["train_wall_s"] < ours["wall_s"]
+    assert ours["examples_per_s"] == round(8 / ours["train_wall_s"], 4)
+    assert 0 < ours["rss_peak_gb"] < 8
+    assert "examples/s" in proc.stderr
+
+
+def test_train_rejects_an_unknown_peer():
+    proc = run_cli("benchmarks.train", "--smoke", "--peers", "nope", timeout=120)
+    assert proc.returncode == 2 and "unknown peer" in proc.stderr

@@ -184,7 +184,10 @@ def test_data_parallel_batch_equals_one_process_and_resumes(tmp_path):
     lines = out.read_text().splitlines()
     got = [json.loads(line) for line in lines]
     assert [r["id"] for r in got] == [f"i{i:02d}" for i in range(24)] + ["bad"]  # every id once, in input order
-    assert {r["id"]: r for r in got} == expected
+    timing = ("ttft_ms",)  # measured, so it differs from run to run
+    assert {r["id"]: {k: v for k, v in r.items() if k not in timing} for r in got} == {
+        i: {k: v for k, v in r.items() if k not in timing} for i, r in expected.items()
+    }
     assert not any(p.exists() for p in parts)
     # a finished run has nothing left to do on any rank
     with Ranks(tmp_path, cmd) as ranks:

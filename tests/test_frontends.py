@@ -22,7 +22,7 @@ from fastvlm_mlx.engine import Sampling
 
 MODEL = str(FIXTURES / "format_a")
 CONTEXT = 512  # the fixture's max_position_embeddings
-COMMANDS = ("generate", "chat", "server", "batch", "convert")
+COMMANDS = ("generate", "chat", "server", "batch", "lora", "convert", "fuse", "eval")
 
 
 @pytest.fixture(scope="module")

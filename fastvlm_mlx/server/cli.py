@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .. import distributed
     from ..cli import (
+        adapter_path_option,
         connect_timeout_option,
         dtype_option,
         model_option,
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     def run(
         model_path: str = model_option(),
         dtype: str | None = dtype_option(),
+        adapter_path: str | None = adapter_path_option(),
         host: str = typer.Option(d.host, "--host"),
         port: int = typer.Option(d.port, "--port", help="Port to listen on (0: any free port, printed at start)."),
         api_key: str | None = typer.Option(d.api_key, "--api-key", help="Require 'Authorization: Bearer KEY'."),
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         cluster = distributed.start(parallel, connect_timeout)
         sock = listen(host, port) if cluster is None or cluster.leader else None  # before the slow model load
         try:
-            model, processor = load(model_path, dtype=dtype, cluster=cluster)
+            model, processor = load(model_path, dtype=dtype, cluster=cluster, adapter_path=adapter_path)
             if not distributed.follow_or_lead(cluster, engine_for(model, processor, cfg.image_cache_bytes)):
                 return  # a follower rank: rank 0 serves
             service = create_app(model, processor, cfg, model_path)

@@ -183,19 +183,14 @@ def tokenize(messages: list[dict], processor: FastVLMProcessor, mask_prompt: boo
     return ids, labels, images
 
 
-def read_split(
-    path: Path,
-    processor: FastVLMProcessor,
-    image_tokens: int,
-    *,
-    image_folder: str | None = None,
-    max_seq_length: int = 2048,
-    mask_prompt: bool = True,
-) -> tuple[list[Example], list[str]]:
-    """Every line of one JSONL file as an Example; returns (examples, problems), one ``FILE:LINE: problem`` per
-    line that could not be used (blank lines are allowed and skipped)."""
+def read_lines(
+    path: Path, image_folder: str | None, image_tokens: int, max_seq_length: int, parse
+) -> tuple[list, list]:
+    """Every line of one JSONL file through ``parse(record, resolve, where)``; returns (items, problems), one
+    ``FILE:LINE: problem`` per line that could not be used (blank lines are allowed and skipped).  Each item
+    knows its ``positions(image_tokens)``, which must fit ``max_seq_length``."""
     resolve = ImageResolver(path, image_folder)
-    examples, problems = [], []
+    items, problems = [], []
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
@@ -211,23 +206,39 @@ def read_split(
                 raise FastVLMError(f"not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(record, dict):
                 raise FastVLMError("a line must be a JSON object")
-            if "messages" in record:
-                messages = openai_messages(record["messages"], resolve)
-            elif "conversations" in record:
-                messages = llava_messages(record, resolve)
-            else:
-                raise FastVLMError("a line needs 'messages' (OpenAI style) or 'conversations' (LLaVA style)")
-            ids, labels, images = tokenize(messages, processor, mask_prompt)
-            example = Example(ids, labels, images, where)
-            length = example.positions(image_tokens)
+            item = parse(record, resolve, where)
+            length = item.positions(image_tokens)
             if length > max_seq_length:
                 raise FastVLMError(
                     f"the example is {length} positions (images included), over --max-seq-length {max_seq_length}"
                 )
-            examples.append(example)
+            items.append(item)
         except FastVLMError as e:
             problems.append(f"{where}: {e}")
-    return examples, problems
+    return items, problems
+
+
+def read_split(
+    path: Path,
+    processor: FastVLMProcessor,
+    image_tokens: int,
+    *,
+    image_folder: str | None = None,
+    max_seq_length: int = 2048,
+    mask_prompt: bool = True,
+) -> tuple[list[Example], list[str]]:
+    """Every line of one JSONL file as an Example; returns (examples, problems) as ``read_lines`` does."""
+
+    def parse(record: dict, resolve, where: str) -> Example:
+        if "messages" in record:
+            messages = openai_messages(record["messages"], resolve)
+        elif "conversations" in record:
+            messages = llava_messages(record, resolve)
+        else:
+            raise FastVLMError("a line needs 'messages' (OpenAI style) or 'conversations' (LLaVA style)")
+        return Example(*tokenize(messages, processor, mask_prompt), where)
+
+    return read_lines(path, image_folder, image_tokens, max_seq_length, parse)
 
 
 def load_splits(
@@ -238,10 +249,12 @@ def load_splits(
     *,
     skip_bad_lines: bool = False,
     report=print,
+    reader=read_split,
     **options,
 ) -> dict[str, list[Example]]:
-    """The named splits of a data folder.  Every bad line is reported (``report``); unless ``skip_bad_lines``,
-    any bad line stops the run here, before training."""
+    """The named splits of a data folder, each file read by ``reader`` (``read_split``, or preference pairs').
+    Every bad line is reported (``report``); unless ``skip_bad_lines``, any bad line stops the run here, before
+    training."""
     folder = Path(data).expanduser()
     if not folder.is_dir():
         raise FastVLMError(f"{data}: no such data folder (it holds train.jsonl, valid.jsonl, test.jsonl)")
@@ -250,7 +263,7 @@ def load_splits(
         path = folder / f"{name}.jsonl"
         if not path.is_file():
             raise FastVLMError(f"{path}: no such file (the {name} split is needed)")
-        splits[name], bad = read_split(path, processor, image_tokens, **options)
+        splits[name], bad = reader(path, processor, image_tokens, **options)
         problems += bad
         if not splits[name] and not bad:
             raise FastVLMError(f"{path}: no examples")

@@ -150,7 +150,7 @@ class FeatureStore:
     def encode(self, pixels: mx.array) -> mx.array:
         """(M, S, S, 3) pixels -> (M, N, C): the tower's raw output, or projected into the decoder's width."""
         self.encoded += pixels.shape[0]
-        features = self.model.vision_tower(pixels.astype(self.model.projector.linear_1.weight.dtype))
+        features = self.model.vision_tower(pixels.astype(self.model.vision_tower.dtype))
         b, h, w, c = features.shape
         features = features.reshape(b, h * w, c)
         return features if self.kind == RAW else self.model.projector(features)
