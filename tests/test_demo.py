@@ -1,23 +1,22 @@
 """The committed demo model (examples/demo/model) answers its task: which shape a drawing shows.
 
-It was fine-tuned by examples/demo/make_demo.py from the fixture's random weights, so its right answers can only come
-from that training; greedy decoding makes them deterministic.  The labels come from the script's drawing function,
-which also draws a fresh held-out set here (a seed the script never trains on).
+It was fully fine-tuned by examples/demo/make_demo.py from random weights (the fixture's decoder, a freshly drawn
+tower), so its right answers can only come from that training; greedy decoding makes them deterministic.  The
+labels come from the script's drawing function, never from the model: the committed sample images and held-out
+split are checked to be exactly what it draws for each label.
 """
 
 import importlib.util
-import random
-from pathlib import Path
+import json
 
 import numpy as np
 import pytest
+from conftest import ROOT, run_cli
 from PIL import Image
 
-from fastvlm_mlx import generate, load
-
-DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo"
-HELD_OUT_SEED = 7  # make_demo's splits draw with seeds 1, 2 and 3
-HELD_OUT_IMAGES = 60
+DEMO = ROOT / "examples" / "demo"
+MODEL = DEMO / "model"
+TEST_FILE = DEMO / "test.jsonl"
 
 
 def _make_demo():
@@ -30,30 +29,49 @@ def _make_demo():
 make_demo = _make_demo()
 
 
-@pytest.fixture(scope="module")
-def demo():
-    return load(str(DEMO / "model"))
+def pixels(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"))
 
 
-def answer(demo, question: str, image) -> str:
-    model, processor = demo
-    return generate(model, processor, question, image=image, max_tokens=8).strip()
+def test_the_samples_and_the_held_out_split_are_the_scripts_drawings():
+    """So their labels are known independently of the model; the held-out seed is not a training seed."""
+    for i, shape in enumerate(make_demo.SHAPES):
+        committed = Image.open(DEMO / "images" / f"{shape}.png")
+        assert np.array_equal(pixels(committed), pixels(make_demo.sample(i))), f"{shape}.png differs from the script's"
+    count, seed = make_demo.SPLITS["test"]
+    assert seed not in {make_demo.SPLITS[name][1] for name in ("train", "valid")}
+    rows = [json.loads(line) for line in TEST_FILE.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == count
+    for row, (image, question, answer) in zip(rows, make_demo.items(count, seed)):
+        assert (row["question"], row["answer"]) == (question, answer)
+        assert np.array_equal(pixels(Image.open(DEMO / row["image"])), pixels(image)), row["image"]
 
 
-def test_the_samples_are_the_scripts_drawings():
-    """The committed images are what the drawing function makes, so their labels are known."""
-    for i, (colour, shape) in enumerate(make_demo.SAMPLES):
-        committed = np.asarray(Image.open(DEMO / "images" / f"{colour}_{shape}.png").convert("RGB"))
-        drawn = np.asarray(make_demo.draw(colour, shape, random.Random(100 + i)))
-        assert np.array_equal(committed, drawn), f"{colour}_{shape}.png differs from make_demo.draw"
+@pytest.mark.parametrize("shape", make_demo.SHAPES)
+def test_generate_names_the_shape_of_each_sample(shape):
+    image = DEMO / "images" / f"{shape}.png"
+    proc = run_cli("fastvlm_mlx.generate", "--model", str(MODEL), "--image", str(image), "--prompt", make_demo.QUESTION)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == shape
 
 
-@pytest.mark.parametrize(("colour", "shape"), make_demo.SAMPLES)
-def test_it_names_the_shape_of_the_samples(demo, colour, shape):
-    assert answer(demo, make_demo.QUESTION, str(DEMO / "images" / f"{colour}_{shape}.png")) == shape
-
-
-def test_held_out_accuracy_is_at_least_90_percent(demo):
+def test_eval_scores_the_held_out_split_at_least_90_percent(tmp_path):
     """Chance is 1/4 (four shapes, drawn uniformly)."""
-    right = sum(answer(demo, q, image) == label for image, q, label in make_demo.items(HELD_OUT_IMAGES, HELD_OUT_SEED))
-    assert right / HELD_OUT_IMAGES >= 0.9, f"{right}/{HELD_OUT_IMAGES} right"
+    output = tmp_path / "predictions.jsonl"
+    proc = run_cli(
+        "fastvlm_mlx.eval",
+        "--model",
+        str(MODEL),
+        "--data",
+        str(TEST_FILE),
+        *make_demo.EVAL_FLAGS,
+        "--output",
+        str(output),
+    )
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
+    right = sum(r["prediction"] == r["answers"][0] for r in records)  # recounted here from the predictions
+    summary = json.loads((tmp_path / "predictions.summary.json").read_text(encoding="utf-8"))
+    assert summary["score"] == right / len(records)
+    assert f"exact_match: {100 * summary['score']:.2f} over {len(records)} items" in proc.stdout
+    assert right / len(records) >= 0.9, f"{right}/{len(records)} right"
