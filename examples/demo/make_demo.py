@@ -11,9 +11,11 @@ would:
    ``images/``;
 2. writes the base model: the tiny test fixture (``tests/fixtures/format_a``: random weights, 256 px) with its
    vision tower drawn again as timm initialises FastViT (layer scales 1e-5, zero biases; LeCun-normal weights),
-   since the fixture's tower gives nearly the same output for every image of this kind (its biases dominate);
-   the projector is set from the tower's output on some drawings, so that its input is standardised and its
-   output is the size of the token embeddings (larger image embeddings overflow float16);
+   since the fixture's tower gives nearly the same output for every image of this kind (its biases dominate),
+   then scaled part by part so that each part's output has unit size on some drawings (as LSUV does; its output
+   would otherwise be about 1e-6, which float16 cannot hold); the projector is set from the tower's output on
+   those drawings, so that its input is standardised and its output is the size of the token embeddings (larger
+   image embeddings overflow float16);
 3. fully fine-tunes that base with ``python -m fastvlm_mlx.lora -c train.yaml`` (the tower frozen, so each image
    is encoded once and every later step costs only the projector and the decoder);
 4. fuses the trained weights into a model directory in float16 with ``python -m fastvlm_mlx.fuse``;
