@@ -75,3 +75,16 @@ def test_eval_scores_the_held_out_split_at_least_90_percent(tmp_path):
     assert summary["score"] == right / len(records)
     assert f"exact_match: {100 * summary['score']:.2f} over {len(records)} items" in proc.stdout
     assert right / len(records) >= 0.9, f"{right}/{len(records)} right"
+
+
+def test_the_demo_video_is_captioned_shape_by_shape_as_subtitles():
+    """examples/demo/shapes.mp4 shows each sample for one second, in SHAPES order (make_demo.write_video)."""
+    proc = run_cli(
+        "fastvlm_mlx.generate", "--model", str(MODEL), "--video", str(DEMO / "shapes.mp4"), "--every", "1",
+        "--prompt", make_demo.QUESTION, "--format", "srt",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    cues = [block.splitlines() for block in proc.stdout.strip().split("\n\n")]
+    assert [cue[0] for cue in cues] == ["1", "2", "3", "4"]
+    assert [cue[1] for cue in cues] == [f"00:00:0{i},000 --> 00:00:0{i + 1},000" for i in range(4)]
+    assert [cue[2] for cue in cues] == list(make_demo.SHAPES)

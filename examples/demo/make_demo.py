@@ -92,6 +92,22 @@ def sample(i: int) -> Image.Image:
     return draw(SHAPES[i], random.Random(SAMPLE_SEED + i))
 
 
+def write_video(path: Path, fps: int = 10) -> None:
+    """A clip that shows each sample for one second, in ``SHAPES`` order: the video commands' demo (needs PyAV)."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps, options={"crf": "18"})
+        stream.width = stream.height = IMAGE_SIZE
+        stream.pix_fmt = "yuv420p"
+        for i in range(len(SHAPES)):
+            frame = av.VideoFrame.from_ndarray(np.asarray(sample(i)), format="rgb24")
+            for _ in range(fps):
+                container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+
+
 def write_split(data_file: Path, image_folder: str, count: int, seed: int) -> None:
     """``data_file`` (LLaVA lines with ``question`` and ``answer`` too) and its images in ``image_folder`` beside it."""
     name = data_file.stem
@@ -196,6 +212,7 @@ def main() -> None:
     SAMPLES_DIR.mkdir(exist_ok=True)
     for i, shape in enumerate(SHAPES):
         sample(i).save(SAMPLES_DIR / f"{shape}.png", optimize=True)
+    write_video(HERE / "shapes.mp4")
     if not args.skip_train:
         write_base(base)
         started = time.perf_counter()
