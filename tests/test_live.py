@@ -14,6 +14,7 @@ import pytest
 from browser import launch, playwright  # noqa: F401  (the fixture)
 from test_server import Server, httpx
 
+from benchmarks.live import write_y4m
 from fastvlm_mlx.server.config import MB
 
 PALETTE = {
@@ -27,26 +28,6 @@ PALETTE = {
 FPS = 10
 WIDTH, HEIGHT = 320, 240  # 4:3, wider than the fixture model's 256 px, so the page scales it down
 CACHE_MB = 0.04  # ten of the fixture model's 4 KiB image features: live frames fill it within seconds
-
-
-def write_y4m(path: Path, colours, seconds_each: int = 1, fps: int = FPS, size=(WIDTH, HEIGHT)):
-    """A YUV4MPEG2 file (what Chromium's fake camera plays, looping at its end): each colour for ``seconds_each``,
-    4:2:0, BT.601 full-range, with a small grey square in a corner whose shade changes with every frame."""
-    w, h = size
-    with open(path, "wb") as f:
-        f.write(f"YUV4MPEG2 W{w} H{h} F{fps}:1 Ip A1:1 C420jpeg\n".encode())
-        n = 0
-        for r, g, b in colours:
-            y = 0.299 * r + 0.587 * g + 0.114 * b
-            u = min(255, round(128 - 0.168736 * r - 0.331264 * g + 0.5 * b))
-            v = min(255, round(128 + 0.5 * r - 0.418688 * g - 0.081312 * b))
-            for _ in range(seconds_each * fps):
-                luma = np.full((h, w), round(y), np.uint8)
-                luma[: h // 8, : w // 8] = 40 + (n * 37) % 176  # a new picture every frame, same dominant colour
-                n += 1
-                f.write(b"FRAME\n" + luma.tobytes())
-                f.write(np.full((h // 2, w // 2), u, np.uint8).tobytes())
-                f.write(np.full((h // 2, w // 2), v, np.uint8).tobytes())
 
 
 def nearest(rgb) -> str:
@@ -133,7 +114,7 @@ def server():
 @pytest.fixture(scope="module")
 def video(tmp_path_factory):
     path = tmp_path_factory.mktemp("camera") / "colours.y4m"
-    write_y4m(path, list(PALETTE.values()))
+    write_y4m(path, list(PALETTE.values()), fps=FPS, size=(WIDTH, HEIGHT))
     return path
 
 

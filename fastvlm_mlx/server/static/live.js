@@ -165,6 +165,9 @@ async function startCamera() {
     return;
   }
   camera = stream;
+  for (const track of stream.getVideoTracks()) {
+    track.addEventListener("ended", () => camera === stream && fail("the camera stopped (unplugged or taken away)"));
+  }
   ui.video.srcObject = camera;
   await ui.video.play().catch(() => {}); // autoplay serves where play() is refused
   listCameras();
