@@ -175,3 +175,22 @@ def test_train_smoke_run_reports_examples_per_second():
 def test_train_rejects_an_unknown_peer():
     proc = run_cli("benchmarks.train", "--smoke", "--peers", "nope", timeout=120)
     assert proc.returncode == 2 and "unknown peer" in proc.stderr
+
+
+def test_live_smoke_run_reports_capture_to_first_token():
+    """The page's live mode in Chromium with its fake camera, on the fixture model: every answer timed from frame
+    capture to the first token on screen, and the part outside the model a fraction of it."""
+    from browser import chromium_path
+
+    chromium_path()  # Chromium from the distribution, or a skip that says so
+    proc = run_cli("benchmarks.live", "--smoke", "--answers", "4", "--warmup", "1", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    header, ours = lines[0], lines[1]
+    assert header["benchmark"] == "fastvlm-live" and header["camera"]["width"] == 320
+    assert ours["answers"] == ours["answers_with_text"] == ours["server_requests"] == 4
+    assert 0 < ours["ttft_ms"]["median"] <= ours["ttft_ms"]["p90"]
+    assert ours["answers_per_s"] > 0 and 0 < ours["model_ttft_ms"] < ours["ttft_ms"]["p90"]
+    assert 0 < ours["outside_fraction"] < 1
+    assert 0 < ours["image_cache_bytes"] <= ours["image_cache_bound_bytes"]
+    assert "outside the model" in proc.stderr

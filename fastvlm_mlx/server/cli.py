@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         allowed_image_dir: str | None = typer.Option(
             d.allowed_image_dir, "--allowed-image-dir", help="Serve local image paths under DIR."
         ),
-        image_cache_mb: int = typer.Option(
-            d.image_cache_bytes // MB, "--image-cache-mb", help="Image-feature cache bound (0 disables)."
+        image_cache_mb: float = typer.Option(
+            d.image_cache_bytes / MB, "--image-cache-mb", help="Image-feature cache bound (0 disables)."
         ),
         prompt_cache_mb: int = typer.Option(
             d.prompt_cache_bytes // MB, "--prompt-cache-mb", help="Prompt (KV) cache bound."
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             max_image_pixels=max_image_pixels,
             allow_remote_images=allow_remote_images,
             allowed_image_dir=allowed_image_dir,
-            image_cache_bytes=image_cache_mb * MB,
+            image_cache_bytes=int(image_cache_mb * MB),
             prompt_cache_bytes=prompt_cache_mb * MB,
             sampling=sampling,
             ui=ui,

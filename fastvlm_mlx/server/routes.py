@@ -37,7 +37,9 @@ async def health(request: Request):
 
 @router.get("/v1/models")
 async def models(request: Request):
-    model = {"id": service_of(request).model_id, "object": "model", "created": 0, "owned_by": "fastvlm-mlx"}
+    service = service_of(request)
+    model = {"id": service.model_id, "object": "model", "created": 0, "owned_by": "fastvlm-mlx"}
+    model["image_size"] = service.engine.processor.image_size  # extension: the page scales camera frames to it
     return {"object": "list", "data": [model]}
 
 
