@@ -291,6 +291,7 @@ async function answer(signal) {
         total_ms: endedAt - capturedAt,
         server_ttft_ms: timings?.ttft_ms ?? null,
         server_vision_ms: timings?.vision_ms ?? null,
+        server_prompt_ms: timings?.prompt_ms ?? null,
         image_bytes: url.length,
         text,
       },
