@@ -84,15 +84,40 @@ def write_y4m(path: Path, colours, seconds_each: int = 1, fps: int = 10, size=(3
     return path
 
 
+CHROMIUM_HINT = "apt-get install chromium; on a Mac, Google Chrome or: playwright install chromium"
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255)]
 
 
-def chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        path = shutil.which(name)
+BROWSERS = (  # Chromium from the distribution, then a Mac's Chrome or Chromium
+    "chromium",
+    "chromium-browser",
+    "google-chrome",
+    "/Applications/Google Chrome.app/Contents/MacOS/Google Chrome",
+    "/Applications/Chromium.app/Contents/MacOS/Chromium",
+)
+
+
+def find_chromium() -> str | None:
+    """A Chromium to drive: the system's, else the one ``playwright install chromium`` downloaded, else None."""
+    for name in BROWSERS:
+        path = shutil.which(name) or (name if Path(name).is_file() else None)
         if path:
             return path
-    raise SystemExit("error: the live benchmark needs Chromium from the distribution (apt-get install chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+
+        with sync_playwright() as pw:
+            path = pw.chromium.executable_path
+        return path if Path(path).is_file() else None
+    except Exception:  # no Playwright, or no browser of its own
+        return None
+
+
+def chromium() -> str:
+    path = find_chromium()
+    if path is None:
+        raise SystemExit(f"error: the live benchmark needs Chromium ({CHROMIUM_HINT})")
+    return path
 
 
 def gauge(port: int, name: str) -> float:

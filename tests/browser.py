@@ -1,9 +1,10 @@
 """A real browser for the web page's tests: the distribution's Chromium (apt-get install chromium; .ci/run does),
-driven by Playwright through ``executable_path``, since Playwright's own browser download cannot be had here."""
-
-import shutil
+driven by Playwright through ``executable_path``, since Playwright's own browser download cannot be had here. On a
+Mac, Google Chrome or Chromium in /Applications, or the browser of ``playwright install chromium``."""
 
 import pytest
+
+from benchmarks.live import CHROMIUM_HINT, find_chromium
 
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="the page tests need Playwright (pip install -e '.[test]')"
@@ -11,11 +12,10 @@ sync_api = pytest.importorskip(
 
 
 def chromium_path() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    pytest.skip("the page tests need Chromium from the distribution (apt-get install chromium)")
+    path = find_chromium()
+    if path is None:
+        pytest.skip(f"the page tests need Chromium ({CHROMIUM_HINT})")
+    return path
 
 
 @pytest.fixture(scope="module")
