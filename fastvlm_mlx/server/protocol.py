@@ -110,21 +110,22 @@ class ImageURL(Strict):
     url: str = Field(min_length=1)
 
 
+def _bare_url(value):
+    """A part's URL may be given bare, as a string: ``{"url": value}``."""
+    return {"url": value} if isinstance(value, str) else value
+
+
 class ImagePart(Strict):
     type: Literal["image_url"]
     image_url: ImageURL
 
-    @field_validator("image_url", mode="before")
-    @classmethod
-    def _bare_url(cls, value):
-        return {"url": value} if isinstance(value, str) else value
+    _bare = field_validator("image_url", mode="before")(_bare_url)
 
 
-class VideoURL(Strict):
-    """This server's extension (vLLM's part shape): a video as a data URL or an allowed file, and how many of its
-    frames go into the prompt (``frames`` evenly spread, 8 by default, or ``fps`` a second)."""
+class FrameSampling(Strict):
+    """How many of a video's frames go into the prompt: ``frames`` evenly spread (8 by default) or ``fps`` a
+    second; this server's extension, shared by both APIs' video parts."""
 
-    url: str = Field(min_length=1)
     frames: int | None = Field(None, ge=1)
     fps: float | None = Field(None, gt=0)
 
@@ -135,14 +136,17 @@ class VideoURL(Strict):
         return self
 
 
+class VideoURL(FrameSampling):
+    """A video as a data URL or an allowed file (vLLM's part shape)."""
+
+    url: str = Field(min_length=1)
+
+
 class VideoPart(Strict):
     type: Literal["video_url"]
     video_url: VideoURL
 
-    @field_validator("video_url", mode="before")
-    @classmethod
-    def _bare_url(cls, value):
-        return {"url": value} if isinstance(value, str) else value
+    _bare = field_validator("video_url", mode="before")(_bare_url)
 
 
 def _part_kind(part) -> str | None:

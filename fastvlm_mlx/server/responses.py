@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 from pydantic_core import PydanticCustomError
 
 from .config import ServerConfig
-from .protocol import UNSUPPORTED, APIError, Closed, Strict, Timings, Usage
+from .protocol import UNSUPPORTED, APIError, Closed, FrameSampling, Strict, Timings, Usage
 from .scheduler import Delta, Failed, Finished, Job, ParsedRequest
 from .serving import KEEPALIVE, ChatService, Disconnected
 
@@ -57,20 +57,12 @@ class InputImage(Closed):
         return self
 
 
-class InputVideo(Closed):
+class InputVideo(Closed, FrameSampling):
     """This server's extension: a video (a data URL or an allowed file) whose frames go into the prompt with their
-    times, ``frames`` of them evenly spread (8 by default) or ``fps`` a second."""
+    times."""
 
     type: Literal["input_video"]
     video_url: str = Field(min_length=1)
-    frames: int | None = Field(None, ge=1)
-    fps: float | None = Field(None, gt=0)
-
-    @model_validator(mode="after")
-    def _one_sampling(self):
-        if self.frames is not None and self.fps is not None:
-            raise ValueError("give frames or fps, not both")
-        return self
 
 
 def unknown_type(what: str, kinds: tuple[str, ...]):
