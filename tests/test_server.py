@@ -518,3 +518,22 @@ def test_context_overflow_is_a_typed_error_with_its_code(server, local):
     response = post(server, {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
     assert_error(response, 400, "user")
     assert response.json()["error"]["code"] is None
+
+
+def test_open_opens_the_page_in_the_browser_once_serving(tmp_path, monkeypatch):
+    """``--open`` hands the page's URL to the user's browser (Python's webbrowser, which honours $BROWSER)."""
+    opened = tmp_path / "opened"
+    script = tmp_path / "browser.sh"
+    script.write_text(f'#!/bin/sh\nprintf "%s" "$1" > {opened}\n')
+    script.chmod(0o755)
+    monkeypatch.setenv("BROWSER", str(script))
+    server = Server("--open")
+    try:
+        deadline = time.time() + 30
+        while not opened.exists() and time.time() < deadline:
+            time.sleep(0.2)
+        assert opened.read_text() == server.url + "/"
+        page = httpx.get(opened.read_text(), timeout=10)
+        assert page.status_code == 200 and "<title>FastVLM</title>" in page.text
+    finally:
+        server.stop()
