@@ -57,14 +57,21 @@ def write_y4m(path: Path, colours, seconds_each: int = 1, fps: int = 10, size=(3
     """A YUV4MPEG2 file (what Chromium's fake camera plays, looping at its end): each colour for ``seconds_each``,
     4:2:0, BT.601 full-range, with a small grey square in a corner whose shade changes with every frame.
     ``texture`` adds what a camera sees, so that its frames compress as a camera's do: shading (a sum of random
-    waves, a new one with each colour) and a sensor's grain (new in every frame)."""
+    waves, a new one with each colour) and a sensor's grain (new in every frame).  An item of ``colours`` may
+    instead be a picture (an h x w x 3 RGB array of the frame's size), written as it is, without the square."""
     w, h = size
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     with open(path, "wb") as f:
         f.write(f"YUV4MPEG2 W{w} H{h} F{fps}:1 Ip A1:1 C420jpeg\n".encode())
         n = 0
-        for r, g, b in colours:
+        for item in colours:
+            if np.ndim(item) == 3:
+                planes = yuv420(np.asarray(item), (w, h))
+                for _ in range(seconds_each * fps):
+                    f.write(b"FRAME\n" + planes)
+                continue
+            r, g, b = item
             y = 0.299 * r + 0.587 * g + 0.114 * b
             u = min(255, round(128 - 0.168736 * r - 0.331264 * g + 0.5 * b))
             v = min(255, round(128 + 0.5 * r - 0.418688 * g - 0.081312 * b))
@@ -82,6 +89,19 @@ def write_y4m(path: Path, colours, seconds_each: int = 1, fps: int = 10, size=(3
                 f.write(np.full((h // 2, w // 2), u, np.uint8).tobytes())
                 f.write(np.full((h // 2, w // 2), v, np.uint8).tobytes())
     return path
+
+
+def yuv420(picture: np.ndarray, size) -> bytes:
+    """An RGB picture as one y4m frame's planes: 4:2:0 (chroma averaged over 2x2 pixels), BT.601 full-range."""
+    w, h = size
+    if picture.shape != (h, w, 3):
+        raise ValueError(f"a picture of {picture.shape}, not the frame's {(h, w, 3)}")
+    r, g, b = np.moveaxis(picture.astype(np.float32), 2, 0)
+    y = 0.299 * r + 0.587 * g + 0.114 * b
+    u = 128 - 0.168736 * r - 0.331264 * g + 0.5 * b
+    v = 128 + 0.5 * r - 0.418688 * g - 0.081312 * b
+    u, v = (c.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3)) for c in (u, v))
+    return b"".join(np.clip(np.round(p), 0, 255).astype(np.uint8).tobytes() for p in (y, u, v))
 
 
 CHROMIUM_HINT = "apt-get install chromium; on a Mac, Google Chrome or: playwright install chromium"

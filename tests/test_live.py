@@ -1,6 +1,10 @@
 """The page's live camera mode in a real browser: Chromium's fake camera plays a synthetic video of solid colours
 (a new colour every second, and a corner square that makes every frame a new picture), and the page captions it
-through the fixture model's server.  What the server received is compared with what the video showed."""
+through the fixture model's server.  What the server received is compared with what the video showed.
+
+Then the trained demo model (examples/demo/model) captions a video of its sample drawings, each caption checked
+against the shape the video showed when its frame was taken; the README's screenshot of the live mode (to
+$FASTVLM_SCREENSHOTS/page-live.png when that variable names a folder) is taken there."""
 
 import base64
 import io
@@ -12,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from browser import launch, playwright  # noqa: F401  (the fixture)
+from conftest import ROOT
+from test_demo import DEMO, make_demo
 from test_server import Server, httpx
 
 from benchmarks.live import write_y4m
@@ -118,7 +124,7 @@ def video(tmp_path_factory):
     return path
 
 
-def open_live(playwright, server, video):  # noqa: F811
+def open_live(playwright, server, video, watcher=WATCH_VIDEO):  # noqa: F811
     browser = launch(
         playwright,
         "--use-fake-ui-for-media-stream",
@@ -126,7 +132,7 @@ def open_live(playwright, server, video):  # noqa: F811
         f"--use-file-for-fake-video-capture={video}",
     )
     page = browser.new_page(viewport={"width": 900, "height": 820})
-    page.add_init_script(WATCH_VIDEO)
+    page.add_init_script(watcher)
     answers = []
     page.expose_function("__answer", lambda detail: answers.append(detail))
     traffic = Traffic(page)
@@ -145,17 +151,17 @@ def wait_for(predicate, timeout: float, what: str, page):
         page.wait_for_timeout(100)
 
 
-def shown_at(samples, t_ms: float, within_ms: float) -> set[str]:
-    """The colours the video may have shown at ``t_ms``, give or take ``within_ms`` before it: from the last
-    sample before that window to the first sample after ``t_ms`` (the sampler runs on the page's busy main
-    thread, so a change can be seen late, never early)."""
+def shown_at(samples, t_ms: float, within_ms: float, name=nearest) -> set[str]:
+    """The colours (or what ``name`` makes of a sample) the video may have shown at ``t_ms``, give or take
+    ``within_ms`` before it: from the last sample before that window to the first sample after ``t_ms`` (the
+    sampler runs on the page's busy main thread, so a change can be seen late, never early)."""
     before = [s for s in samples if s[0] <= t_ms - within_ms]
     window = [s for s in samples if t_ms - within_ms < s[0] <= t_ms]
     after = [s for s in samples if s[0] > t_ms]
-    return {nearest(mean) for _, mean in before[-1:] + window + after[:1]}
+    return {name(mean) for _, mean in before[-1:] + window + after[:1]}
 
 
-def test_live_captions_fresh_frames_one_at_a_time(playwright, server, video, tmp_path):  # noqa: F811
+def test_live_captions_fresh_frames_one_at_a_time(playwright, server, video):  # noqa: F811
     browser, page, traffic, answers = open_live(playwright, server, video)
     try:
         misses_before = gauge(server.url, "image_cache_misses_total")
@@ -167,9 +173,6 @@ def test_live_captions_fresh_frames_one_at_a_time(playwright, server, video, tmp
         assert caption.inner_text().strip() != ""
         assert page.locator(".live-ttft").inner_text().startswith("TTFT ")
         assert all(a["ttft_ms"] is not None and 0 < a["ttft_ms"] <= a["total_ms"] for a in answers)
-        shot = Path(os.environ.get("FASTVLM_SCREENSHOTS") or tmp_path)
-        shot.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(shot / "page-live.png"))
 
         # one request in flight, never more
         assert traffic.most == 1, traffic.most
@@ -239,3 +242,96 @@ def test_live_own_prompt_and_an_error_said_once(playwright, server, video):  # n
         assert page.get_by_role("button", name="Start camera").get_attribute("aria-pressed") == "false"
     finally:
         browser.close()
+
+
+# ------------------------------------------------------------------------------------ the demo model, live
+SHAPE_SECONDS = 2  # each drawing's time on the fake camera
+SHAPE_FRAME = (320, 320)  # square, as the model's input is: the page scales it to 256 px and the server pads nothing
+THUMB = 24  # the side of the thumbnails that tell the drawings apart
+
+# Samples what the page's video element shows, as WATCH_VIDEO does, but as a small grey thumbnail (the drawings
+# differ in shape, not in colour).
+WATCH_SHAPES = f"""
+window.__thumbs = [];
+setInterval(() => {{
+  const video = document.querySelector('#live-view video');
+  if (!video || video.readyState < 2 || !video.videoWidth) return;
+  const canvas = window.__thumb || (window.__thumb = document.createElement('canvas'));
+  canvas.width = canvas.height = {THUMB};
+  const ctx = canvas.getContext('2d', {{ willReadFrequently: true }});
+  ctx.imageSmoothingQuality = 'high';
+  ctx.drawImage(video, 0, 0, {THUMB}, {THUMB});
+  const d = ctx.getImageData(0, 0, {THUMB}, {THUMB}).data;
+  window.__thumbs.push([Date.now(), Array.from({{ length: d.length / 4 }}, (_, i) => d[4 * i + 1])]);
+}}, 20);
+"""
+
+
+def drawings():
+    """The demo's sample drawings, scaled (and padded with white) to the camera's frame: name -> RGB array."""
+    from PIL import Image, ImageOps
+
+    return {
+        shape: np.asarray(ImageOps.pad(Image.open(DEMO / "images" / f"{shape}.png").convert("RGB"), SHAPE_FRAME,
+                                       Image.BICUBIC, color=(255, 255, 255)))
+        for shape in make_demo.SHAPES
+    }  # fmt: skip
+
+
+def drawing_of(pictures: dict):
+    """Names the drawing a thumbnail from WATCH_SHAPES shows: the nearest of the pictures' thumbnails."""
+    from PIL import Image
+
+    references = {
+        shape: np.asarray(Image.fromarray(rgb).convert("L").resize((THUMB, THUMB), Image.BOX), np.float32).ravel()
+        for shape, rgb in pictures.items()
+    }
+    return lambda thumb: min(references, key=lambda shape: float(((references[shape] - thumb) ** 2).sum()))
+
+
+def test_live_demo_model_names_each_shape_the_camera_shows(playwright, tmp_path):  # noqa: F811
+    """Each live caption is the shape the video showed when the page took its frame (a frame taken within one
+    video frame of a change may show either drawing); the README's screenshot of the live mode is taken here."""
+    pictures = drawings()
+    drawing = drawing_of(pictures)
+    video = write_y4m(tmp_path / "shapes.y4m", list(pictures.values()), SHAPE_SECONDS, FPS, SHAPE_FRAME)
+    s = Server(model=str((DEMO / "model").relative_to(ROOT)))  # the path the README names, shown in the header
+    try:
+        browser, page, traffic, answers = open_live(playwright, s, video, watcher=WATCH_SHAPES)
+        try:
+            page.get_by_label("Prompt", exact=True).select_option("own")
+            page.get_by_label("Your prompt").fill(make_demo.QUESTION)
+            page.get_by_role("button", name="Start camera").click()
+            loop_ms = 1000 * SHAPE_SECONDS * len(pictures)
+            wait_for(
+                lambda: len(answers) > 1 and answers[-1]["captured_at"] - answers[0]["captured_at"] > loop_ms,
+                30, "captions over the whole video", page,
+            )  # fmt: skip
+            samples = page.evaluate("window.__thumbs")
+            captioned = set()
+            for a in answers:
+                shown = shown_at(samples, a["captured_at"], within_ms=1000 / FPS + 50, name=drawing)
+                assert a["text"] in shown, (a["text"], shown, a["captured_at"])
+                captioned.add(a["text"])
+            assert len(captioned) >= 3, captioned
+            texts = {
+                p["text"] for _, body in traffic.sent for p in body["messages"][0]["content"] if p["type"] == "text"
+            }
+            assert texts == {make_demo.QUESTION} and traffic.most == 1
+
+            # the picture for the README: taken while the caption names the drawing on screen, early in its time there
+            deadline = time.time() + 10
+            while True:
+                recent = page.evaluate("window.__thumbs.slice(-50)")  # about the last second
+                now = drawing(np.asarray(recent[-1][1], np.float32))
+                if drawing(np.asarray(recent[0][1], np.float32)) != now and page.inner_text("#live-caption") == now:
+                    break
+                assert time.time() < deadline, "no moment when the caption named the drawing on screen"
+                page.wait_for_timeout(50)
+            shot = Path(os.environ.get("FASTVLM_SCREENSHOTS") or tmp_path)
+            shot.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(shot / "page-live.png"))
+        finally:
+            browser.close()
+    finally:
+        s.stop()

@@ -2,8 +2,9 @@
 against real servers on loopback ports with the fixture model. The page's answers are checked against the same
 requests sent through the API, and what it sends is watched on the wire.
 
-A screenshot of the chat goes to $FASTVLM_SCREENSHOTS/page-chat.png when that variable names a folder
-(docs/images/ for the README), else to the test's temporary folder."""
+The trained demo model (examples/demo/model) answers one question on the page for the README: its screenshot goes
+to $FASTVLM_SCREENSHOTS/page-chat.png when that variable names a folder (docs/images/ for the README), else to the
+test's temporary folder."""
 
 import base64
 import io
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import pytest
 from browser import launch, playwright  # noqa: F401 (a fixture)
-from conftest import PHOTO, PHOTO2
+from conftest import PHOTO, PHOTO2, ROOT
+from test_demo import DEMO, make_demo
 from test_server import Server, data_url, image_turn
 
 httpx = pytest.importorskip("httpx", reason="the page tests need httpx (pip install -e '.[test]')")
@@ -115,8 +117,7 @@ def metric(server, name) -> float:
 
 
 # ------------------------------------------------------------------------------------ answering
-def test_answer_equals_the_api_and_shows_timings(page, client, tmp_path):
-    page.set_viewport_size({"width": 900, "height": 760})
+def test_answer_equals_the_api_and_shows_timings(page, client):
     settings(page)
     answer = ask(page, QUESTION, [PHOTO])
     text = answer.locator(".text").inner_text()
@@ -131,10 +132,29 @@ def test_answer_equals_the_api_and_shows_timings(page, client, tmp_path):
     assert re.search(r"TTFT [\d.]+ ms · vision [\d.]+ ms · [\d.]+ tokens/s · 0 cached tokens", stats), stats
     non_streamed = client.chat.completions.create(model="fastvlm", messages=messages, temperature=0, max_tokens=16)
     assert non_streamed.choices[0].message.content == expected and non_streamed.model_extra["timings"]["ttft_ms"] > 0
-    # the picture for the README: an image, a streamed answer and its timings
-    page.locator(".turn-actions button").first.focus()
-    page.locator("#chat-input").focus()
-    page.screenshot(path=str(screenshot_path(tmp_path)), full_page=True)
+
+
+def test_the_demo_model_names_the_shape_on_the_page(browser, tmp_path):
+    """The trained demo model, as the README's first commands serve it: its answer to a drawing of a triangle is
+    the word, streamed, with its timings under it; the README's screenshot of the chat is taken here."""
+    s = Server(model=str((DEMO / "model").relative_to(ROOT)))  # the path the README names, shown in the header
+    try:
+        page = open_page(browser, s.url, viewport={"width": 900, "height": 700})
+        try:
+            page.wait_for_selector("#chat-input")
+            settings(page, max_tokens="16")
+            page.click("details.settings summary")  # closed again: the picture shows the conversation
+            answer = ask(page, make_demo.QUESTION, [DEMO / "images" / "triangle.png"])
+            assert answer.locator(".text").inner_text() == "triangle"
+            stats = answer.locator(".stats").inner_text()
+            assert re.search(r"^TTFT [\d.]+ ms · vision [\d.]+ ms · [\d.]+ tokens/s · 0 cached tokens", stats), stats
+            assert page.locator(".turn.user img").count() == 1 and page.locator(".turn.error").count() == 0
+            page.locator("#chat-input").focus()
+            page.screenshot(path=str(screenshot_path(tmp_path)), full_page=True)
+        finally:
+            page.context.close()
+    finally:
+        s.stop()
 
 
 def test_stop_ends_the_stream_and_the_server_counts_it_cancelled(page, server):

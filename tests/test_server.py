@@ -31,12 +31,12 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, *flags):
+    def __init__(self, *flags, model: str = MODEL):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fastvlm_mlx.server", "--model", MODEL, "--port", str(self.port), *flags],
+            [sys.executable, "-m", "fastvlm_mlx.server", "--model", model, "--port", str(self.port), *flags],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
