@@ -150,13 +150,18 @@ def _decode_ahead(items: list[dict], out: "queue.Queue", stop: threading.Event, 
     out.put(None)
 
 
-def caption(engine, items: list[dict], sampling: dict, batch_size: int, write, constraint=None) -> None:
+def caption(
+    engine, items: list[dict], sampling: dict, batch_size: int, write, constraint=None, system: str | None = None
+) -> None:
     """Answer every item with batched decoding; ``write(record)`` is called as each one finishes.  Under a
     ``constraint`` (``structured.Constraint``) each answer matches it, and its sequence gets the grammar through
-    ``Sampling.constraint``.  A record's ``ttft_ms`` runs from its admission (image encode and prefill, with those
-    of the items admitted beside it) to its first token."""
+    ``Sampling.constraint``.  ``system`` is the system prompt (None: the default one; "": none).  A record's
+    ``ttft_ms`` runs from its admission (image encode and prefill, with those of the items admitted beside it) to
+    its first token."""
     from .engine import Sampling
+    from .processor import DEFAULT_SYSTEM
 
+    system = (DEFAULT_SYSTEM if system is None else system) or None
     decoder = engine.decoder(max_batch=batch_size)
     decoded: queue.Queue = queue.Queue(maxsize=4 * batch_size)
     stop = threading.Event()
@@ -177,7 +182,7 @@ def caption(engine, items: list[dict], sampling: dict, batch_size: int, write, c
                 item, message, error = entry
                 if error is None:
                     try:
-                        ready.append((item, engine.prepare([message])))
+                        ready.append((item, engine.prepare([message], system)))
                     except FastVLMError as e:
                         error = str(e)
                 if error is not None:

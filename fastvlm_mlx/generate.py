@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         _check_video_options(video, images, output_format, **video_options)
         if every is not None:
             lead = lambda engine: _answer_frames(  # noqa: E731
-                engine, video, every, prompt, sampling, batch_size, constraint, output_format, output
+                engine, video, every, prompt, system, sampling, batch_size, constraint, output_format, output
             )
         else:
             lead = lambda engine: _answer(  # noqa: E731
@@ -176,7 +176,9 @@ def _answer(
 SUBTITLE_FORMATS = ("jsonl", "srt", "vtt")
 
 
-def _answer_frames(engine, video, every, prompt, sampling, batch_size, constraint, output_format, output) -> None:
+def _answer_frames(
+    engine, video, every, prompt, system, sampling, batch_size, constraint, output_format, output
+) -> None:
     """``--every``: the frame at the start of each ``every`` seconds answered alone, the frames batched through
     the captioner's decoder (``captioner.caption``), the answers written in time order as they complete."""
     from .captioner import caption
@@ -215,7 +217,7 @@ def _answer_frames(engine, video, every, prompt, sampling, batch_size, constrain
             cues.write(entry)
 
     try:
-        caption(engine, items(), sampling, batch_size, write, constraint)
+        caption(engine, items(), sampling, batch_size, write, constraint, system)
     finally:
         if output:
             out.close()

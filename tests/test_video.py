@@ -191,6 +191,22 @@ def test_every_second_writes_one_record_per_second_from_the_batched_decoder(clip
     assert [r["text"] for r in records] == alone
 
 
+def test_every_keeps_the_system_prompt(clip, local, capsys, tmp_path):
+    out = tmp_path / "answers.jsonl"
+    args = ("--video", clip, "--every", 2, "--prompt", PROMPT, "--max-tokens", 6, "--system", "Answer in French.")
+    code, _, err = run_generate(capsys, *args, "--output", out)
+    assert code == 0, err
+    answers = [json.loads(line)["text"] for line in out.read_text().splitlines()]
+    model, processor = local
+    frames = video_module.read_frames(clip, every=2)
+
+    def alone(**system):
+        return [generate(model, processor, PROMPT, image=f.image, max_tokens=6, **system) for f in frames]
+
+    assert answers == alone(system="Answer in French.")
+    assert answers != alone(), "the default system prompt gives the same answers: the check would prove little"
+
+
 def parse_srt(text: str) -> list[tuple]:
     """A strict SubRip reader: numbered blocks from 1, a timing line, at least one line of text, a blank line."""
     cues = []
