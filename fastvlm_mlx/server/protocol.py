@@ -336,6 +336,26 @@ def tools_system_text(tools: list[Tool]) -> str:
     return f"\n\n# Tools\n\nYou answer by calling one of these functions, with its arguments as JSON:{lines}"
 
 
+def engine_turns(messages, field: str, convert: Callable[[Any, str], tuple[list[dict], dict | None]]) -> list[dict]:
+    """Messages of either API as the engine takes them: "developer" is the system role, and each content part
+    becomes engine parts by ``convert(part, where)`` (``where`` names it as ``field[i].content[j]``), which also
+    gives a video's text of its frames' times: that goes before the message's own text, after its images."""
+    out = []
+    for i, message in enumerate(messages):
+        role = "system" if message.role == "developer" else message.role
+        if isinstance(message.content, str):
+            out.append({"role": role, "content": message.content})
+            continue
+        parts, times = [], []
+        for j, part in enumerate(message.content):
+            converted, timing = convert(part, f"{field}[{i}].content[{j}]")
+            parts += converted
+            times += [timing] if timing is not None else []
+        first_text = next((k for k, p in enumerate(parts) if p["type"] == "text"), len(parts))
+        out.append({"role": role, "content": parts[:first_text] + times + parts[first_text:]})
+    return out
+
+
 class ChatCompletionRequest(Strict):
     """A chat-completions request, checked field by field; fields outside ``SUPPORTED`` are refused."""
 
@@ -464,30 +484,19 @@ class ChatCompletionRequest(Strict):
         self, load_image: Callable[[str, str], Any], load_video: Callable[[VideoURL, str], list[dict]] | None = None
     ) -> list[dict]:
         """The conversation as the engine takes it; ``load_image(url, where)`` turns an image_url into an image,
-        ``load_video(video_url, where)`` a video_url into its frames' image parts and a text part of their times,
-        which goes before the message's own text."""
-        out = []
-        for i, message in enumerate(self.messages):
-            role = "system" if message.role == "developer" else message.role
-            if isinstance(message.content, str):
-                out.append({"role": role, "content": message.content})
-                continue
-            parts, timings = [], []
-            for j, part in enumerate(message.content):
-                where = f"messages[{i}].content[{j}]"
-                if isinstance(part, TextPart):
-                    parts.append({"type": "text", "text": part.text})
-                elif isinstance(part, VideoPart):
-                    if load_video is None:
-                        raise APIError(400, f"{where}: video_url parts are not supported here", "messages")
-                    *frames, timing = load_video(part.video_url, where)
-                    parts.extend(frames)
-                    timings.append(timing)
-                else:
-                    parts.append({"type": "image", "image": load_image(part.image_url.url, where)})
-            first_text = next((k for k, p in enumerate(parts) if p["type"] == "text"), len(parts))
-            out.append({"role": role, "content": parts[:first_text] + timings + parts[first_text:]})
-        return out
+        ``load_video(video_url, where)`` a video_url into its frames' image parts and a text part of their times."""
+
+        def convert(part, where: str):
+            if isinstance(part, TextPart):
+                return [{"type": "text", "text": part.text}], None
+            if isinstance(part, VideoPart):
+                if load_video is None:
+                    raise APIError(400, f"{where}: video_url parts are not supported here", "messages")
+                *frames, timing = load_video(part.video_url, where)
+                return frames, timing
+            return [{"type": "image", "image": load_image(part.image_url.url, where)}], None
+
+        return engine_turns(self.messages, "messages", convert)
 
     def with_tools_listed(self, messages: list[dict], default_system: str) -> list[dict]:
         """``messages`` with the tools added to the system message (made from ``default_system`` if there is

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 from pydantic_core import PydanticCustomError
 
 from .config import ServerConfig
-from .protocol import UNSUPPORTED, APIError, Closed, FrameSampling, Strict, Timings, Usage
+from .protocol import UNSUPPORTED, APIError, Closed, FrameSampling, Strict, Timings, Usage, engine_turns
 from .scheduler import Delta, Failed, Finished, Job, ParsedRequest
 from .serving import KEEPALIVE, ChatService, Disconnected
 
@@ -243,31 +243,22 @@ class ResponsesRequest(Strict):
 
     def engine_messages(self, load_image, load_video=None) -> list[dict]:
         """``instructions`` as a system message, then the input; ``load_image(url, where)`` decodes an image,
-        ``load_video(part, where)`` a video into its frames' image parts and a text part of their times, which
-        goes before the message's own text (as in chat completions)."""
+        ``load_video(part, where)`` a video into its frames' image parts and a text part of their times."""
+
+        def convert(part, where: str):
+            if isinstance(part, InputImage):
+                return [{"type": "image", "image": load_image(part.image_url, where)}], None
+            if isinstance(part, InputVideo):
+                if load_video is None:
+                    raise APIError(400, f"{where}: input_video is not supported here", "input")
+                *frames, timing = load_video(part, where)
+                return frames, timing
+            return [{"type": "text", "text": part.text}], None
+
         out = [{"role": "system", "content": self.instructions}] if self.instructions is not None else []
         if isinstance(self.input, str):
             return out + [{"role": "user", "content": self.input}]
-        for i, message in enumerate(self.input):
-            role = "system" if message.role == "developer" else message.role
-            if isinstance(message.content, str):
-                out.append({"role": role, "content": message.content})
-                continue
-            parts, timings = [], []
-            for j, part in enumerate(message.content):
-                if isinstance(part, InputImage):
-                    parts.append({"type": "image", "image": load_image(part.image_url, f"input[{i}].content[{j}]")})
-                elif isinstance(part, InputVideo):
-                    if load_video is None:
-                        raise APIError(400, f"input[{i}].content[{j}]: input_video is not supported here", "input")
-                    *frames, timing = load_video(part, f"input[{i}].content[{j}]")
-                    parts.extend(frames)
-                    timings.append(timing)
-                else:
-                    parts.append({"type": "text", "text": part.text})
-            first_text = next((k for k, p in enumerate(parts) if p["type"] == "text"), len(parts))
-            out.append({"role": role, "content": parts[:first_text] + timings + parts[first_text:]})
-        return out
+        return out + engine_turns(self.input, "input", convert)
 
 
 # --------------------------------------------------------------------------------------- response
