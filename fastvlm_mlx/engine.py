@@ -366,12 +366,20 @@ class Engine:
     # ------------------------------------------------------------------ 1. render and tokenize
     def prepare(self, messages: Sequence[dict], system: str | None = DEFAULT_SYSTEM) -> Prompt:
         """Render the conversation, tokenize it, preprocess its images and check it fits the context."""
+        ids, images, positions = self._tokens(messages, system)
+        self.processor.check_length(positions)
+        pixels = [self.processor.preprocess(image) for image in images]
+        return Prompt(ids, pixels, [image_digest(p) for p in pixels], self.model.config.num_image_tokens)
+
+    def positions(self, messages: Sequence[dict], system: str | None = DEFAULT_SYSTEM) -> int:
+        """The context positions the conversation takes (each image its share of them), as ``prepare`` counts
+        them; its images are not looked at, so stand-ins will do."""
+        return self._tokens(messages, system)[2]
+
+    def _tokens(self, messages: Sequence[dict], system: str | None) -> tuple[list[int], list, int]:
         text, images = self.processor.render(messages, system)
         ids = self.processor.encode(text)
-        image_tokens = self.model.config.num_image_tokens
-        self.processor.check_length(len(ids) + len(images) * (image_tokens - 1))
-        pixels = [self.processor.preprocess(image) for image in images]
-        return Prompt(ids, pixels, [image_digest(p) for p in pixels], image_tokens)
+        return ids, images, len(ids) + len(images) * (self.model.config.num_image_tokens - 1)
 
     # -------------------------------------------------------------------- 2. encode images
     @runs_on_mlx_thread

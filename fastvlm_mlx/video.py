@@ -312,12 +312,6 @@ def video_turn(
     return {"role": "user", "content": parts + [{"type": "text", "text": prompt}]}
 
 
-def prompt_positions(engine, messages, system) -> int:
-    """How many context positions ``messages`` take (each image its share), as ``Engine.prepare`` counts."""
-    text, images = engine.processor.render(messages, system)
-    return len(engine.processor.encode(text)) + len(images) * (engine.model.config.num_image_tokens - 1)
-
-
 def check_fits(engine, info: VideoInfo, count: int, prompt: str, images: int = 0, history=(), system=None) -> None:
     """Refuse ``count`` frames of ``info`` that leave no room to generate in the model's context, saying how many
     would fit."""
@@ -327,7 +321,7 @@ def check_fits(engine, info: VideoInfo, count: int, prompt: str, images: int = 0
         stand_ins = [Frame(t, 0) for t in sample_times(info.duration, frames=n)] if n else []
         parts = [{"type": "image", "image": 0}] * images + video_parts(stand_ins, info.duration)
         turn = {"role": "user", "content": parts + [{"type": "text", "text": prompt}]}
-        return prompt_positions(engine, [*history, turn], system)
+        return engine.positions([*history, turn], system)
 
     needed = positions(count)
     if needed < context:
